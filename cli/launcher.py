@@ -1,0 +1,159 @@
+"""`lbgm run`: a whole federation on one machine, as separate OS processes.
+
+One server process and P worker processes (the N workers spread over them as
+virtual workers) talk real gRPC over 127.0.0.1. Each process logs to
+<run>/logs/; this process shows a progress bar fed by the server's GetStatus
+and prints the run summary at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from lbgm.cli.main import UsageError, fetch_status
+from lbgm.common.config import ExperimentConfig, config_to_toml
+
+MAX_DEFAULT_PROCESSES = 10
+
+
+class LaunchError(RuntimeError):
+    """A child process failed to start or every worker died."""
+
+STARTUP_TIMEOUT_SECONDS = 120.0
+
+
+def _lbgm_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lbgm.cli.main", *args]
+
+
+def _wait_for_port(port_file: Path, server: subprocess.Popen, log_path: Path) -> int:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if port_file.exists():
+            return int(port_file.read_text())
+        if server.poll() is not None:
+            raise LaunchError(f"server exited with status {server.returncode} before listening:\n{_tail(log_path)}")
+        time.sleep(0.1)
+    raise LaunchError(f"server did not start listening within {STARTUP_TIMEOUT_SECONDS:.0f}s:\n{_tail(log_path)}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def worker_groups(workers: int, processes: int) -> list[int]:
+    """How many virtual workers each process hosts (as even as possible)."""
+    base, extra = divmod(workers, processes)
+    return [base + (1 if index < extra else 0) for index in range(processes)]
+
+
+def run_federation(config: ExperimentConfig, out_dir: Path, processes: int, log_level: str) -> int:
+    processes = processes or min(config.workers, MAX_DEFAULT_PROCESSES)
+    if not 1 <= processes <= config.workers:
+        raise UsageError(f"--processes must lie in [1, workers={config.workers}], got {processes}")
+    run_dir = out_dir / config.name
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for stale in ("summary.json", "port"):
+        (run_dir / stale).unlink(missing_ok=True)
+    config_path = run_dir / "config.toml"
+    config_path.write_text(config_to_toml(config))
+    port_file = run_dir / "port"
+
+    children: list[subprocess.Popen] = []
+    started = time.monotonic()
+    try:
+        server_log = logs / "server.log"
+        server = subprocess.Popen(
+            _lbgm_command("server", "--config", str(config_path), "--host", "127.0.0.1", "--port", "0",
+                          "--port-file", str(port_file), "--out-dir", str(out_dir), "--log-level", log_level),
+            stdout=open(server_log, "w"), stderr=subprocess.STDOUT)
+        children.append(server)
+        port = _wait_for_port(port_file, server, server_log)
+        target = f"127.0.0.1:{port}"
+        for index, count in enumerate(worker_groups(config.workers, processes)):
+            children.append(subprocess.Popen(
+                _lbgm_command("worker", "--server", target, "--name", f"proc{index}", "--virtual-workers", str(count),
+                              "--log-level", log_level, "--data-dir", config.data_dir),
+                stdout=open(logs / f"worker-{index}.log", "w"), stderr=subprocess.STDOUT))
+        print(f"lbgm run: server on {target}, {config.workers} workers in {processes} processes; "
+              f"logs in {logs}", file=sys.stderr)
+        _follow(server, children[1:], target, config)
+    except KeyboardInterrupt:
+        print("lbgm run: interrupted; stopping all processes", file=sys.stderr)
+        return 130
+    finally:
+        _stop_all(children)
+    if server.returncode != 0:
+        print(f"lbgm run: server failed with status {server.returncode}:\n{_tail(server_log)}", file=sys.stderr)
+        return 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(format_summary(summary, run_dir, time.monotonic() - started))
+    return 0
+
+
+def _follow(server: subprocess.Popen, workers: list[subprocess.Popen], target: str,
+            config: ExperimentConfig) -> None:
+    """Progress bar until the server exits; fails fast if every worker died."""
+    with tqdm(total=config.rounds, desc="rounds", unit="round", dynamic_ncols=True) as bar:
+        while server.poll() is None:
+            try:
+                status = fetch_status(target, timeout=2.0)
+            except grpc.RpcError:
+                status = None
+            if status is not None:
+                bar.n = status.completed_rounds
+                accuracy = "-" if math.isnan(status.test_accuracy) else f"{status.test_accuracy:.4f}"
+                bar.set_postfix_str(f"acc {accuracy}, workers {status.workers_joined}, "
+                                    f"up {status.uplink_bytes / 1e6:.1f} MB")
+            if workers and all(worker.poll() not in (None, 0) for worker in workers):
+                raise LaunchError("every worker process failed; see the logs in the run folder")
+            time.sleep(0.5)
+        if server.returncode == 0:
+            bar.n = bar.total
+            bar.refresh()
+
+
+def _stop_all(children: list[subprocess.Popen], grace_seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + grace_seconds
+    for child in children[1:]:  # workers exit by themselves once told training finished
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.terminate()
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def format_summary(summary: dict, run_dir: Path, wall_seconds: float) -> str:
+    mb = 1e6
+    uplink, equivalent = summary["uplink_bytes"], summary["full_equivalent_uplink_bytes"]
+    rows = [
+        ("rounds", f"{summary['rounds_completed']} in {wall_seconds:.1f} s"),
+        ("test accuracy", f"final {summary['final_accuracy']:.4f}, best {summary['best_accuracy']:.4f}"),
+        ("uplink", f"{uplink / mb:.2f} MB (delta=0 would send {equivalent / mb:.2f} MB: "
+                   f"{100 * summary['uplink_savings']:.1f}% saved)"),
+        ("downlink", f"{summary['downlink_bytes'] / mb:.2f} MB"),
+        ("decision units", f"{summary['scalar_units']} scalar, {summary['full_units']} full"),
+        ("floats uploaded", f"{summary['floats_uploaded']:,} (delta=0: {summary['full_equivalent_floats']:,})"),
+        ("refused uploads", f"{summary['refused_uploads']}"),
+        ("results", f"{run_dir}/metrics.jsonl, {run_dir}/summary.json"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(["", "LBGM run summary", *(f"  {name:<{width}}  {value}" for name, value in rows)])

@@ -1,0 +1,167 @@
+"""`lbgm`: run a whole federation locally, or one role (server, worker) per host.
+
+  lbgm run                      server + N worker processes on this machine
+  lbgm server --port 50051      the aggregator, for multi-host deployments
+  lbgm worker --server H:P      one process hosting one or more virtual workers
+  lbgm status --server H:P      round, workers, accuracy and bytes of a running server
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import sys
+from pathlib import Path
+
+import grpc
+
+from lbgm.common.config import ConfigError, add_config_arguments, config_from_args
+from lbgm.common.datasets import DatasetError
+from lbgm.common.grpc_options import CHANNEL_OPTIONS
+from lbgm.v1 import lbgm_pb2 as pb
+from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
+
+log = logging.getLogger("lbgm")
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line, exit status 2, no traceback."""
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging verbosity (default: INFO)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lbgm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a server and N workers as separate processes on localhost",
+                              description="Start a server and worker processes on localhost over real gRPC, "
+                                          "show progress, and print a summary at the end.")
+    run.add_argument("--processes", type=int, default=0,
+                     help="worker OS processes; workers are spread over them as virtual workers "
+                          "(default: one process per worker, at most 10)")
+    run.add_argument("--out-dir", type=Path, default=Path("runs"), help="parent folder of run folders (default: runs)")
+    _add_common(run)
+    add_config_arguments(run)
+
+    server = commands.add_parser("server", help="run the aggregation server",
+                                 description="Run the aggregator; it trains for --rounds rounds, then exits.")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    server.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default: 50051)")
+    server.add_argument("--port-file", type=Path, help="write the bound port to this file once listening")
+    server.add_argument("--out-dir", type=Path, default=Path("runs"), help="parent folder of run folders (default: runs)")
+    _add_common(server)
+    add_config_arguments(server)
+
+    worker = commands.add_parser("worker", help="run one worker process (one or more virtual workers)",
+                                 description="Dial out to a server, join, and train until the server says it is done.")
+    worker.add_argument("--server", required=True, help="aggregator address, HOST:PORT")
+    worker.add_argument("--name", default=socket.gethostname(),
+                        help="stable worker name (prefix when hosting several); re-using it after a restart "
+                             "takes the same slot back (default: the host name)")
+    worker.add_argument("--virtual-workers", type=int, default=1,
+                        help="virtual workers in this process, each with its own channel, identity and LBG state "
+                             "(default: 1)")
+    worker.add_argument("--data-dir", default="", help="folder holding the data set named by the server, if not embedded")
+    worker.add_argument("--poll-seconds", type=float, default=20.0, help="long-poll window for tasks (default: 20)")
+    worker.add_argument("--give-up-after", type=float, default=300.0,
+                        help="seconds of an unreachable server before the worker exits (default: 300)")
+    worker.add_argument("--torch-threads", type=int, default=1, help="intra-op threads for local training (default: 1)")
+    _add_common(worker)
+
+    status = commands.add_parser("status", help="show a running server's progress")
+    status.add_argument("--server", required=True, help="aggregator address, HOST:PORT")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    _add_common(status)
+    return parser
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from lbgm.server.app import serve
+
+    config = config_from_args(args)
+    serve(config, args.host, args.port, args.out_dir / config.name, args.port_file)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import torch
+
+    from lbgm.worker.app import run_virtual_workers
+    from lbgm.worker.client import RetryPolicy
+
+    if args.virtual_workers < 1:
+        raise UsageError(f"--virtual-workers must be >= 1, got {args.virtual_workers}")
+    if ":" not in args.server:
+        raise UsageError(f"--server must look like HOST:PORT, got {args.server!r}")
+    torch.set_num_threads(max(1, args.torch_threads))
+    names = [args.name] if args.virtual_workers == 1 else [f"{args.name}-{i}" for i in range(args.virtual_workers)]
+    return run_virtual_workers(args.server, names, args.data_dir, args.poll_seconds,
+                               RetryPolicy(give_up_seconds=args.give_up_after))
+
+
+def fetch_status(target: str, timeout: float = 5.0) -> pb.StatusReply:
+    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        return pb_grpc.AggregatorStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        status = fetch_status(args.server)
+    except grpc.RpcError as error:
+        raise UsageError(f"cannot reach {args.server}: {error.code().name}: {error.details()}") from None
+    fields = {
+        "round": status.round, "completed_rounds": status.completed_rounds, "total_rounds": status.total_rounds,
+        "workers_joined": status.workers_joined, "test_accuracy": status.test_accuracy,
+        "test_loss": status.test_loss, "uplink_bytes": status.uplink_bytes,
+        "downlink_bytes": status.downlink_bytes, "finished": status.finished,
+    }
+    if args.json:
+        print(json.dumps(fields))
+    else:
+        for key, value in fields.items():
+            print(f"{key:>17}: {value}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lbgm.cli.launcher import run_federation
+
+    config = config_from_args(args)
+    return run_federation(config, args.out_dir, args.processes, args.log_level)
+
+
+COMMANDS = {"run": cmd_run, "server": cmd_server, "worker": cmd_worker, "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        configure_logging(args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, ConfigError, DatasetError, OSError) as error:
+        print(f"lbgm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # a failed child process or server: no traceback, its log says more
+        print(f"lbgm {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lbgm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Tensor <-> wire bytes: raw little-endian data plus dtype and shape.
+
+No pickle, no .npy and no `repeated float`: a tensor is its raw bytes, so a
+float32 value costs exactly 4 bytes and decoding is one copy. Large tensors
+are cut into CHUNK_BYTES pieces; `TensorAssembler` puts them back together
+and refuses anything that does not match what the header announced.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import torch
+
+from lbgm.v1 import lbgm_pb2 as pb
+
+# ~1 MiB: big enough that per-message overhead vanishes, small enough to stay
+# far below gRPC's default 4 MiB receive limit.
+CHUNK_BYTES = 1 << 20
+
+_TORCH_TO_WIRE: dict[torch.dtype, int] = {
+    torch.float32: pb.FLOAT32,
+    torch.float16: pb.FLOAT16,
+    torch.bfloat16: pb.BFLOAT16,
+    torch.float64: pb.FLOAT64,
+    torch.int64: pb.INT64,
+    torch.int32: pb.INT32,
+    torch.int16: pb.INT16,
+    torch.int8: pb.INT8,
+    torch.uint8: pb.UINT8,
+    torch.bool: pb.BOOL,
+}
+_WIRE_TO_TORCH = {wire: dtype for dtype, wire in _TORCH_TO_WIRE.items()}
+FLOAT_WIRE_DTYPES = frozenset({pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64})
+
+
+class CodecError(ValueError):
+    """A tensor on the wire does not match its announced dtype, shape or size."""
+
+
+def wire_dtype(dtype: torch.dtype) -> int:
+    try:
+        return _TORCH_TO_WIRE[dtype]
+    except KeyError:
+        raise CodecError(f"dtype {dtype} cannot travel; supported: {sorted(map(str, _TORCH_TO_WIRE))}") from None
+
+
+def torch_dtype(wire: int) -> torch.dtype:
+    try:
+        return _WIRE_TO_TORCH[wire]
+    except KeyError:
+        raise CodecError(f"unknown wire dtype {wire}") from None
+
+
+def element_size(wire: int) -> int:
+    return torch.empty((), dtype=torch_dtype(wire)).element_size()
+
+
+def tensor_meta(tensor: torch.Tensor) -> pb.TensorMeta:
+    return pb.TensorMeta(
+        dtype=wire_dtype(tensor.dtype),
+        shape=list(tensor.shape),
+        nbytes=tensor.numel() * tensor.element_size(),
+    )
+
+
+def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
+    """Raw little-endian bytes of a (CPU) tensor, in row-major order."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    raw = flat.view(torch.uint8).numpy()
+    if sys.byteorder == "big" and flat.element_size() > 1:
+        raw = flat.numpy().byteswap().view("uint8")  # pragma: no cover - LE hosts
+    return raw.tobytes()
+
+
+def tensor_from_bytes(data: bytes | bytearray, meta: pb.TensorMeta) -> torch.Tensor:
+    """Inverse of tensor_to_bytes; checks the byte count against dtype x shape."""
+    dtype = torch_dtype(meta.dtype)
+    shape = tuple(meta.shape)
+    if any(dim < 0 for dim in shape):
+        raise CodecError(f"negative dimension in shape {list(shape)}")
+    expected = math.prod(shape) * element_size(meta.dtype)
+    if len(data) != expected or meta.nbytes != expected:
+        raise CodecError(
+            f"tensor of shape {list(shape)} and dtype {pb.DType.Name(meta.dtype)} needs "
+            f"{expected} bytes; header announced {meta.nbytes}, {len(data)} arrived"
+        )
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    flat = torch.frombuffer(buffer, dtype=torch.uint8)
+    if sys.byteorder == "big":  # pragma: no cover - LE hosts
+        flat = flat.view(-1, element_size(meta.dtype)).flip(1).reshape(-1)
+    return flat.view(dtype).reshape(shape)
+
+
+def split_chunks(data: bytes, chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
+    """The payload cut into pieces of at most chunk_bytes (at least one piece)."""
+    if len(data) <= chunk_bytes:
+        return [data]
+    return [data[start:start + chunk_bytes] for start in range(0, len(data), chunk_bytes)]
+
+
+class TensorAssembler:
+    """Collects the chunks of one announced tensor.
+
+    Refuses more bytes than announced, so a hostile sender cannot make the
+    receiver buffer an unbounded stream; `max_bytes` bounds the announcement.
+    """
+
+    def __init__(self, meta: pb.TensorMeta, max_bytes: int) -> None:
+        if meta.nbytes > max_bytes:
+            raise CodecError(f"tensor announces {meta.nbytes} bytes, limit is {max_bytes}")
+        self.meta = meta
+        self._buffer = bytearray()
+
+    def add(self, data: bytes) -> None:
+        if len(self._buffer) + len(data) > self.meta.nbytes:
+            raise CodecError(
+                f"tensor announced {self.meta.nbytes} bytes but more arrived "
+                f"({len(self._buffer) + len(data)} so far)"
+            )
+        self._buffer += data
+
+    @property
+    def complete(self) -> bool:
+        return len(self._buffer) == self.meta.nbytes
+
+    def tensor(self) -> torch.Tensor:
+        return tensor_from_bytes(self._buffer, self.meta)
+

@@ -1,0 +1,161 @@
+"""Experiment configuration: one frozen dataclass, loadable from TOML, with
+every field documented once (the CLI builds its --help from these docs).
+
+Precedence: defaults < config file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lbgm.common.datasets import DATASETS
+from lbgm.common.models import MODELS
+from lbgm.common.partition import PARTITIONS
+
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+GRANULARITIES = ("layer", "model")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _doc(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = _doc("run name; results go to <out_dir>/<name>", "lbgm")
+    dataset: str = _doc(f"data set: {', '.join(DATASETS)}", "mnist-embedded")
+    data_dir: str = _doc("folder holding MNIST/raw or FashionMNIST/raw (may be read-only)", "")
+    model: str = _doc(f"model: {', '.join(MODELS)}", "cnn")
+    partition: str = _doc(f"how the training set is split: {', '.join(PARTITIONS)}", "iid")
+    classes_per_worker: int = _doc("classes per worker for partition=shards", 3)
+    dirichlet_alpha: float = _doc("concentration for partition=dirichlet (smaller = more skewed)", 0.5)
+    seed: int = _doc("seed for model init, partition, client sampling and local batches", 0)
+    workers: int = _doc("number of workers (= data shards)", 10)
+    min_workers: int = _doc("workers that must join before round 1 (0 = all)", 0)
+    fraction: float = _doc("fraction of joined workers sampled each round", 1.0)
+    rounds: int = _doc("global rounds", 30)
+    local_steps: int = _doc("tau: local SGD steps per round", 10)
+    batch_size: int = _doc("local minibatch size (0 = the whole shard in one batch)", 32)
+    local_lr: float = _doc("local SGD learning rate", 0.05)
+    server_lr: float = _doc("server step size on the aggregated gradient (0 = same as local_lr: FedAvg)", 0.0)
+    server_momentum: float = _doc("server heavy-ball momentum (the reference uses 0.9)", 0.0)
+    delta: float = _doc("LBGM threshold on the look-back phase error; 0 sends everything in full", 0.2)
+    granularity: str = _doc("one LBGM decision per 'layer' (parameter tensor) or for the whole 'model'", "layer")
+    wire_dtype: str = _doc(f"dtype of full gradients on the wire: {', '.join(WIRE_DTYPES)}", "float32")
+    round_timeout: float = _doc("seconds a round waits for sampled workers before closing with what arrived", 120.0)
+    eval_batch_size: int = _doc("batch size of the server's test-set evaluation", 1000)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.dataset in DATASETS, f"dataset must be one of {list(DATASETS)}, got {self.dataset!r}"),
+            (self.model in MODELS, f"model must be one of {sorted(MODELS)}, got {self.model!r}"),
+            (self.partition in PARTITIONS, f"partition must be one of {list(PARTITIONS)}, got {self.partition!r}"),
+            (self.granularity in GRANULARITIES, f"granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}"),
+            (self.wire_dtype in WIRE_DTYPES, f"wire_dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}"),
+            (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+            (0 <= self.min_workers <= self.workers, f"min_workers must lie in [0, workers={self.workers}], got {self.min_workers}"),
+            (0.0 < self.fraction <= 1.0, f"fraction must lie in (0, 1], got {self.fraction}"),
+            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
+            (self.local_steps >= 1, f"local_steps must be >= 1, got {self.local_steps}"),
+            (self.batch_size >= 0, f"batch_size must be >= 0, got {self.batch_size}"),
+            (self.local_lr > 0, f"local_lr must be > 0, got {self.local_lr}"),
+            (self.server_lr >= 0, f"server_lr must be >= 0, got {self.server_lr}"),
+            (0.0 <= self.server_momentum < 1.0, f"server_momentum must lie in [0, 1), got {self.server_momentum}"),
+            (0.0 <= self.delta <= 1.0, f"delta must lie in [0, 1], got {self.delta}"),
+            (self.classes_per_worker >= 1, f"classes_per_worker must be >= 1, got {self.classes_per_worker}"),
+            (self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}"),
+            (self.round_timeout > 0, f"round_timeout must be > 0, got {self.round_timeout}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def effective_server_lr(self) -> float:
+        return self.server_lr or self.local_lr
+
+    @property
+    def effective_min_workers(self) -> int:
+        return self.min_workers or self.workers
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ExperimentConfig:
+        return dataclasses.replace(self, **_checked(overrides, source="overrides"))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+
+
+def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Values with known names and the right types (ints are accepted for floats)."""
+    checked = {}
+    for key, value in values.items():
+        if key not in FIELDS:
+            raise ConfigError(f"{source}: unknown setting {key!r}; known settings: {', '.join(FIELDS)}")
+        expected = type(FIELDS[key].default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not expected:
+            raise ConfigError(f"{source}: {key} must be a {expected.__name__}, got {value!r}")
+        checked[key] = value
+    return checked
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Defaults, then the TOML file (top-level keys or an [experiment] table), then overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            document = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read config file {path}: {error}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+        values.update(_checked(document.get("experiment", document), source=str(path)))
+    values.update(_checked(overrides or {}, source="command line"))
+    try:
+        return ExperimentConfig(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{path or 'command line'}: {error}") from None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per config field, with the field's doc and default as help."""
+    group = parser.add_argument_group("experiment settings (override the config file)")
+    group.add_argument("--config", type=Path, help="TOML file with experiment settings")
+    for name, spec in FIELDS.items():
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=type(spec.default),
+            default=None,
+            metavar=type(spec.default).__name__.upper(),
+            help=f"{spec.metadata['help']} (default: {spec.default!r})",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    overrides = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    return load_config(args.config, overrides)
+
+
+def config_to_toml(config: ExperimentConfig) -> str:
+    """The config as a TOML document that load_config reads back unchanged."""
+    lines = ["[experiment]"]
+    for name, value in dataclasses.asdict(config).items():
+        # JSON string escapes are valid TOML basic-string escapes.
+        rendered = json.dumps(value) if isinstance(value, str) else repr(value)
+        lines.append(f"{name} = {rendered}")
+    return "\n".join(lines) + "\n"

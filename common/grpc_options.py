@@ -1,0 +1,30 @@
+"""gRPC channel and server options, set explicitly on both sides.
+
+Messages never exceed one ~1 MiB chunk plus a small header, so the limits
+are set a little above that instead of relying on defaults; a peer that sends
+a bigger message gets RESOURCE_EXHAUSTED before anything is parsed.
+"""
+
+from lbgm.common.codec import CHUNK_BYTES
+
+MAX_MESSAGE_BYTES = 4 * CHUNK_BYTES
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.so_reuseport", 0),
+]
+
+ERROR_DETAIL_KEY = "lbgm-error-bin"  # trailing metadata holding a serialized ErrorDetail
+PROTOCOL = "lbgm.v1"  # what JoinRequest.protocol must say

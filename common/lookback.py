@@ -1,0 +1,138 @@
+"""The LBGM algorithm as pure functions over tensors (no I/O, no gRPC).
+
+Azam et al., "Recycling Model Updates in Federated Learning: Are Gradient
+Subspaces Low-Rank?", ICLR 2022. For each decision unit (one parameter tensor,
+or the whole model flattened) a worker compares its new accumulated gradient
+g with the look-back gradient (LBG) it last sent in full:
+
+    rho = <g, LBG> / <LBG, LBG>                 look-back coefficient (LBC)
+    err = 1 - cos^2(g, LBG) = sin^2(angle)      look-back phase error, in [0, 1]
+
+If err <= delta the worker sends only rho and the server rebuilds rho * LBG
+from its own copy of that LBG; otherwise it sends g in full and g becomes the
+new LBG on both sides. delta = 0 turns the look-back off entirely (every unit
+goes in full), which makes it the FedAvg baseline through the same code path.
+
+Every function here is shared by the worker, the server and the in-process
+simulation, so all three compute bit-for-bit the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Unit = tuple[int, ...]  # indices of the parameter tensors one decision covers
+
+
+@dataclass(frozen=True)
+class LookbackDecision:
+    """Outcome of the LBGM test for one unit."""
+
+    send_scalar: bool
+    rho: float  # exactly representable in float32: the value that travels
+    phase_error: float  # sin^2 of the angle between g and the LBG, in [0, 1]
+
+
+def decision_units(num_layers: int, granularity: str) -> list[Unit]:
+    """Decision units: one per parameter tensor ("layer") or one for all ("model")."""
+    if granularity == "layer":
+        return [(index,) for index in range(num_layers)]
+    if granularity == "model":
+        return [tuple(range(num_layers))]
+    raise ValueError(f"granularity must be 'layer' or 'model', got {granularity!r}")
+
+
+def to_float32(value: float) -> float:
+    """Round a Python float to the nearest float32 (inf when out of range)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
+def _dot(left: Sequence[torch.Tensor], right: Sequence[torch.Tensor]) -> float:
+    # float64 accumulation: the decision must not hinge on float32 round-off.
+    return math.fsum(
+        float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double())) for a, b in zip(left, right, strict=True)
+    )
+
+
+def lookback_coefficient(grad: Sequence[torch.Tensor], lbg: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """(rho, phase error) of grad against lbg, both given as lists of tensors.
+
+    Edge cases, chosen so nothing is ever NaN: a zero gradient is exactly
+    rho = 0 times any LBG (error 0); a zero LBG cannot represent a non-zero
+    gradient (rho 0, error 1).
+    """
+    grad_sq = _dot(grad, grad)
+    lbg_sq = _dot(lbg, lbg)
+    if grad_sq == 0.0:
+        return 0.0, 0.0
+    if lbg_sq == 0.0:
+        return 0.0, 1.0
+    cross = _dot(grad, lbg)
+    rho = cross / lbg_sq
+    cos_sq = (cross * cross) / (grad_sq * lbg_sq)
+    return rho, min(1.0, max(0.0, 1.0 - cos_sq))
+
+
+def decide(grad: Sequence[torch.Tensor], lbg: Sequence[torch.Tensor] | None, delta: float) -> LookbackDecision:
+    """The LBGM test for one unit. `lbg` is None when no LBG exists yet."""
+    if not 0.0 <= delta <= 1.0:
+        raise ValueError(f"delta must lie in [0, 1], got {delta}")
+    if lbg is None or delta == 0.0:
+        return LookbackDecision(send_scalar=False, rho=0.0, phase_error=1.0)
+    rho, error = lookback_coefficient(grad, lbg)
+    rho32 = to_float32(rho)
+    if not (math.isfinite(rho32) and math.isfinite(error)):
+        return LookbackDecision(send_scalar=False, rho=0.0, phase_error=1.0)
+    return LookbackDecision(send_scalar=error <= delta, rho=rho32, phase_error=error)
+
+
+def rebuild(lbg: Sequence[torch.Tensor], rho: float) -> list[torch.Tensor]:
+    """rho * LBG in float32: what the server aggregates for a scalar update."""
+    factor = torch.tensor(rho, dtype=torch.float32)
+    return [part.to(torch.float32) * factor for part in lbg]
+
+
+def aggregation_weights(num_samples: Sequence[int]) -> list[float]:
+    """w_k = n_k / sum of n over the round's participants."""
+    total = sum(num_samples)
+    if total <= 0 or any(n <= 0 for n in num_samples):
+        raise ValueError(f"every participant needs a positive sample count, got {list(num_samples)}")
+    return [n / total for n in num_samples]
+
+
+def weighted_sum(updates: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> list[torch.Tensor]:
+    """sum_k w_k * updates[k], layer by layer, in the order given."""
+    if not updates or len(updates) != len(weights):
+        raise ValueError(f"need one weight per update, got {len(updates)} updates and {len(weights)} weights")
+    total = [torch.zeros_like(layer, dtype=torch.float32) for layer in updates[0]]
+    for update, weight in zip(updates, weights):
+        for acc, layer in zip(total, update, strict=True):
+            acc.add_(layer.to(torch.float32), alpha=weight)
+    return total
+
+
+def server_sgd_step(
+    params: Sequence[torch.Tensor],
+    update: Sequence[torch.Tensor],
+    velocity: Sequence[torch.Tensor] | None,
+    lr: float,
+    momentum: float,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """One server optimizer step on the aggregated gradient (PyTorch SGD semantics).
+
+    v <- momentum * v + g (v starts at g); theta <- theta - lr * v. With
+    momentum 0 and lr equal to the local lr this is exactly FedAvg.
+    """
+    if momentum == 0.0:
+        return [p - lr * g for p, g in zip(params, update, strict=True)], None
+    if velocity is None:
+        new_velocity = [g.clone() for g in update]
+    else:
+        new_velocity = [momentum * v + g for v, g in zip(velocity, update, strict=True)]
+    return [p - lr * v for p, v in zip(params, new_velocity, strict=True)], new_velocity

@@ -1,0 +1,283 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+    INT16: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
+    BOOL: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT16: DType
+BFLOAT16: DType
+FLOAT64: DType
+INT64: DType
+INT32: DType
+INT16: DType
+INT8: DType
+UINT8: DType
+BOOL: DType
+
+class TensorMeta(_message.Message):
+    __slots__ = ("dtype", "shape", "nbytes")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    nbytes: int
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("worker_name", "protocol")
+    WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    worker_name: str
+    protocol: str
+    def __init__(self, worker_name: _Optional[str] = ..., protocol: _Optional[str] = ...) -> None: ...
+
+class ExperimentSpec(_message.Message):
+    __slots__ = ("dataset", "model", "partition", "classes_per_worker", "dirichlet_alpha", "num_shards", "seed", "granularity", "model_fingerprint")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_PER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    DIRICHLET_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    GRANULARITY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    model: str
+    partition: str
+    classes_per_worker: int
+    dirichlet_alpha: float
+    num_shards: int
+    seed: int
+    granularity: str
+    model_fingerprint: str
+    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., partition: _Optional[str] = ..., classes_per_worker: _Optional[int] = ..., dirichlet_alpha: _Optional[float] = ..., num_shards: _Optional[int] = ..., seed: _Optional[int] = ..., granularity: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class UnitVersion(_message.Message):
+    __slots__ = ("unit", "version")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    unit: int
+    version: int
+    def __init__(self, unit: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("worker_id", "token", "shard_index", "experiment", "lbg_versions")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    LBG_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    token: bytes
+    shard_index: int
+    experiment: ExperimentSpec
+    lbg_versions: _containers.RepeatedCompositeFieldContainer[UnitVersion]
+    def __init__(self, worker_id: _Optional[int] = ..., token: _Optional[bytes] = ..., shard_index: _Optional[int] = ..., experiment: _Optional[_Union[ExperimentSpec, _Mapping]] = ..., lbg_versions: _Optional[_Iterable[_Union[UnitVersion, _Mapping]]] = ...) -> None: ...
+
+class TaskRequest(_message.Message):
+    __slots__ = ("worker_id", "token", "max_wait_seconds")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    token: bytes
+    max_wait_seconds: float
+    def __init__(self, worker_id: _Optional[int] = ..., token: _Optional[bytes] = ..., max_wait_seconds: _Optional[float] = ...) -> None: ...
+
+class TrainSettings(_message.Message):
+    __slots__ = ("local_steps", "batch_size", "local_lr", "delta", "wire_dtype")
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LR_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    local_steps: int
+    batch_size: int
+    local_lr: float
+    delta: float
+    wire_dtype: DType
+    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_lr: _Optional[float] = ..., delta: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class RoundTask(_message.Message):
+    __slots__ = ("round", "total_rounds", "settings", "num_tensors", "seconds_to_deadline")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_TO_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    total_rounds: int
+    settings: TrainSettings
+    num_tensors: int
+    seconds_to_deadline: float
+    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., num_tensors: _Optional[int] = ..., seconds_to_deadline: _Optional[float] = ...) -> None: ...
+
+class ModelTensor(_message.Message):
+    __slots__ = ("index", "meta", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    meta: TensorMeta
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Finished(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class Idle(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TaskPart(_message.Message):
+    __slots__ = ("task", "tensor", "chunk", "idle", "finished")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    task: RoundTask
+    tensor: ModelTensor
+    chunk: TensorChunk
+    idle: Idle
+    finished: Finished
+    def __init__(self, task: _Optional[_Union[RoundTask, _Mapping]] = ..., tensor: _Optional[_Union[ModelTensor, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., idle: _Optional[_Union[Idle, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("worker_id", "token", "round", "num_samples", "train_loss")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    token: bytes
+    round: int
+    num_samples: int
+    train_loss: float
+    def __init__(self, worker_id: _Optional[int] = ..., token: _Optional[bytes] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., train_loss: _Optional[float] = ...) -> None: ...
+
+class FullGradient(_message.Message):
+    __slots__ = ("layer", "lbg_version", "meta", "data")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    LBG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    lbg_version: int
+    meta: TensorMeta
+    data: bytes
+    def __init__(self, layer: _Optional[int] = ..., lbg_version: _Optional[int] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ScalarUpdate(_message.Message):
+    __slots__ = ("units", "rhos", "lbg_versions")
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    RHOS_FIELD_NUMBER: _ClassVar[int]
+    LBG_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    units: _containers.RepeatedScalarFieldContainer[int]
+    rhos: _containers.RepeatedScalarFieldContainer[float]
+    lbg_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, units: _Optional[_Iterable[int]] = ..., rhos: _Optional[_Iterable[float]] = ..., lbg_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class UpdatePart(_message.Message):
+    __slots__ = ("header", "full", "chunk", "scalars")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SCALARS_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    full: FullGradient
+    chunk: TensorChunk
+    scalars: ScalarUpdate
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., full: _Optional[_Union[FullGradient, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., scalars: _Optional[_Union[ScalarUpdate, _Mapping]] = ...) -> None: ...
+
+class UpdateAck(_message.Message):
+    __slots__ = ("round", "full_units", "scalar_units")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    FULL_UNITS_FIELD_NUMBER: _ClassVar[int]
+    SCALAR_UNITS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    full_units: int
+    scalar_units: int
+    def __init__(self, round: _Optional[int] = ..., full_units: _Optional[int] = ..., scalar_units: _Optional[int] = ...) -> None: ...
+
+class ErrorDetail(_message.Message):
+    __slots__ = ("reason", "stale_units", "current_round")
+    class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        REASON_UNSPECIFIED: _ClassVar[ErrorDetail.Reason]
+        STALE_LBG: _ClassVar[ErrorDetail.Reason]
+        ROUND_CLOSED: _ClassVar[ErrorDetail.Reason]
+        MALFORMED: _ClassVar[ErrorDetail.Reason]
+        UNAUTHENTICATED: _ClassVar[ErrorDetail.Reason]
+        DUPLICATE: _ClassVar[ErrorDetail.Reason]
+        NOT_SAMPLED: _ClassVar[ErrorDetail.Reason]
+    REASON_UNSPECIFIED: ErrorDetail.Reason
+    STALE_LBG: ErrorDetail.Reason
+    ROUND_CLOSED: ErrorDetail.Reason
+    MALFORMED: ErrorDetail.Reason
+    UNAUTHENTICATED: ErrorDetail.Reason
+    DUPLICATE: ErrorDetail.Reason
+    NOT_SAMPLED: ErrorDetail.Reason
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STALE_UNITS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    reason: ErrorDetail.Reason
+    stale_units: _containers.RepeatedScalarFieldContainer[int]
+    current_round: int
+    def __init__(self, reason: _Optional[_Union[ErrorDetail.Reason, str]] = ..., stale_units: _Optional[_Iterable[int]] = ..., current_round: _Optional[int] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("round", "total_rounds", "workers_joined", "test_accuracy", "test_loss", "uplink_bytes", "downlink_bytes", "finished", "completed_rounds")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_JOINED_FIELD_NUMBER: _ClassVar[int]
+    TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TEST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    UPLINK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    total_rounds: int
+    workers_joined: int
+    test_accuracy: float
+    test_loss: float
+    uplink_bytes: int
+    downlink_bytes: int
+    finished: bool
+    completed_rounds: int
+    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., workers_joined: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., uplink_bytes: _Optional[int] = ..., downlink_bytes: _Optional[int] = ..., finished: _Optional[bool] = ..., completed_rounds: _Optional[int] = ...) -> None: ...

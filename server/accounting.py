@@ -1,0 +1,105 @@
+"""Byte accounting and the run's metrics files.
+
+Every upload and download is counted as serialized stream messages (see
+lbgm.common.wire), per worker and per message kind, including uploads that
+were refused. `metrics.jsonl` gets one line per round; `summary.json` is
+written at the end (atomically, so a reader never sees half a file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RoundLedger:
+    uplink: dict[int, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    downlink: dict[int, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    refused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add_uplink(self, worker_id: int, bytes_by_kind: dict[str, int]) -> None:
+        for kind, count in bytes_by_kind.items():
+            self.uplink[worker_id][kind] += count
+
+    def add_downlink(self, worker_id: int, kind: str, count: int) -> None:
+        self.downlink[worker_id][kind] += count
+
+    @staticmethod
+    def _total(table: dict[int, dict[str, int]]) -> int:
+        return sum(sum(kinds.values()) for kinds in table.values())
+
+    @staticmethod
+    def _by_kind(table: dict[int, dict[str, int]]) -> dict[str, int]:
+        totals: dict[str, int] = defaultdict(int)
+        for kinds in table.values():
+            for kind, count in kinds.items():
+                totals[kind] += count
+        return dict(totals)
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "uplink_bytes": self._total(self.uplink),
+            "downlink_bytes": self._total(self.downlink),
+            "uplink_by_kind": self._by_kind(self.uplink),
+            "downlink_by_kind": self._by_kind(self.downlink),
+            "uplink_by_worker": {str(w): dict(k) for w, k in sorted(self.uplink.items())},
+            "downlink_by_worker": {str(w): dict(k) for w, k in sorted(self.downlink.items())},
+            "refused": dict(self.refused),
+        }
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    with open(temporary, "w") as handle:
+        json.dump(document, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+class RunRecorder:
+    """Appends round records to metrics.jsonl and writes summary.json."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.records: list[dict[str, Any]] = []
+
+    def add_round(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
+        summary = {**summarize(self.records), **extra}
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    records = list(records)
+    uplink = sum(r["uplink_bytes"] for r in records)
+    equivalent = sum(r["full_equivalent_uplink_bytes"] for r in records)
+    accuracies = [r["test_accuracy"] for r in records]
+    return {
+        "rounds_completed": len(records),
+        "final_accuracy": accuracies[-1] if accuracies else None,
+        "best_accuracy": max(accuracies) if accuracies else None,
+        "uplink_bytes": uplink,
+        "downlink_bytes": sum(r["downlink_bytes"] for r in records),
+        "full_equivalent_uplink_bytes": equivalent,
+        "uplink_savings": (1 - uplink / equivalent) if equivalent else 0.0,
+        "floats_uploaded": sum(r["floats_uploaded"] for r in records),
+        "full_equivalent_floats": sum(r["full_equivalent_floats"] for r in records),
+        "full_units": sum(r["full_units"] for r in records),
+        "scalar_units": sum(r["scalar_units"] for r in records),
+        "refused_uploads": sum(sum(r["refused"].values()) for r in records),
+    }

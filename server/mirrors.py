@@ -1,0 +1,50 @@
+"""The server's copy of every worker's look-back gradients (LBGs).
+
+Invariant: the entry for (worker, unit) is bit-identical to that worker's own
+LBG, because both sides store the tensor exactly as it travelled. Entries are
+replaced, never mutated, so a reader never sees a half-written LBG.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MirrorEntry:
+    tensors: tuple[torch.Tensor, ...]  # in wire precision, one per layer of the unit
+    version: int  # round in which this LBG travelled
+
+
+class MirrorStore:
+    def __init__(self) -> None:
+        self._entries: dict[int, dict[int, MirrorEntry]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, worker_id: int, unit: int) -> MirrorEntry | None:
+        with self._lock:
+            return self._entries.get(worker_id, {}).get(unit)
+
+    def of_worker(self, worker_id: int) -> dict[int, MirrorEntry]:
+        with self._lock:
+            return dict(self._entries.get(worker_id, {}))
+
+    def replace(self, worker_id: int, updates: dict[int, MirrorEntry]) -> None:
+        """Install all of one worker's new LBGs at once."""
+        with self._lock:
+            self._entries.setdefault(worker_id, {}).update(updates)
+
+    def versions(self, worker_id: int) -> dict[int, int]:
+        return {unit: entry.version for unit, entry in self.of_worker(worker_id).items()}
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(
+                t.numel() * t.element_size()
+                for entries in self._entries.values()
+                for entry in entries.values()
+                for t in entry.tensors
+            )

@@ -1,0 +1,75 @@
+"""Who the workers are: identity, secret token and data shard of each."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+
+class AuthError(PermissionError):
+    """The caller is not the worker it claims to be."""
+
+
+class FederationFull(RuntimeError):
+    """Every data shard already belongs to a worker."""
+
+
+@dataclass
+class WorkerRecord:
+    worker_id: int
+    name: str
+    token: bytes
+    shard_index: int
+    joined_at: float
+
+
+class Registry:
+    """Thread-safe map of worker ids to records.
+
+    A worker keeps its id and shard across re-joins (same name); each join
+    issues a fresh token and invalidates the old one, so a restarted worker
+    process takes its slot back and a stale process loses it.
+    """
+
+    def __init__(self, num_shards: int) -> None:
+        self._num_shards = num_shards
+        self._by_id: dict[int, WorkerRecord] = {}
+        self._by_name: dict[str, WorkerRecord] = {}
+        self._lock = threading.Lock()
+
+    def join(self, name: str) -> tuple[WorkerRecord, bool]:
+        """(record, rejoined) for the worker called `name`."""
+        if not name or len(name) > 128:
+            raise ValueError(f"worker_name must be 1-128 characters, got {len(name)}")
+        with self._lock:
+            record = self._by_name.get(name)
+            rejoined = record is not None
+            if record is None:
+                if len(self._by_id) >= self._num_shards:
+                    raise FederationFull(f"all {self._num_shards} worker slots are taken")
+                worker_id = len(self._by_id) + 1
+                record = WorkerRecord(worker_id, name, b"", shard_index=worker_id - 1, joined_at=time.time())
+                self._by_id[worker_id] = record
+                self._by_name[name] = record
+            record.token = secrets.token_bytes(16)
+            return record, rejoined
+
+    def authenticate(self, worker_id: int, token: bytes) -> WorkerRecord:
+        with self._lock:
+            record = self._by_id.get(worker_id)
+        if record is None:
+            raise AuthError(f"unknown worker id {worker_id}; join first")
+        if not hmac.compare_digest(record.token, token):
+            raise AuthError(f"bad token for worker {worker_id}")
+        return record
+
+    def ids(self) -> list[int]:
+        with self._lock:
+            return sorted(self._by_id)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_id)

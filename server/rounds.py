@@ -1,0 +1,283 @@
+"""Round orchestration: the server's state machine.
+
+The driver thread (`Coordinator.run`) waits for `min_workers`, then for each
+round samples a fraction of the joined workers, opens the round, waits until
+every sampled worker's upload is accepted or the deadline passes, closes the
+round (later uploads are refused), aggregates what arrived with weights
+renormalised over the participants, applies the server optimizer, evaluates
+and records metrics. gRPC threads call `join`, `wait_for_task`, `submit` and
+`status`; one condition variable guards all shared state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lbgm.common.config import ExperimentConfig
+from lbgm.common.datasets import load_dataset
+from lbgm.common.lookback import aggregation_weights, decision_units, server_sgd_step, weighted_sum
+from lbgm.common.models import build_model, model_fingerprint
+from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_parts, wire_size
+from lbgm.server.accounting import RoundLedger, RunRecorder
+from lbgm.server.evaluation import evaluate, load_parameters
+from lbgm.server.mirrors import MirrorStore
+from lbgm.server.registry import Registry, WorkerRecord
+from lbgm.server.updates import AcceptedUpdate, UpdateRejected, judge_update
+from lbgm.v1 import lbgm_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RoundTaskSnapshot:
+    """What a sampled worker downloads: immutable, shared by all of the round's workers."""
+
+    task: pb.RoundTask
+    model: list[EncodedTensor]
+
+
+@dataclass
+class OpenRound:
+    number: int
+    sampled: frozenset[int]
+    deadline: float  # time.monotonic()
+    snapshot: RoundTaskSnapshot
+    started: float
+    accepted: dict[int, AcceptedUpdate] = field(default_factory=dict)
+    equivalent_bytes: int = 0  # what the accepted uploads would have cost with delta = 0
+
+
+class Coordinator:
+    def __init__(self, config: ExperimentConfig, run_dir: Path) -> None:
+        self.config = config
+        self.model = build_model(config.model, config.seed)
+        self.params = [p.detach().clone() for p in self.model.parameters()]
+        self.layer_shapes = [tuple(p.shape) for p in self.params]
+        self.units = decision_units(len(self.params), config.granularity)
+        self.fingerprint = model_fingerprint(self.model)
+        self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
+        self.velocity: list[torch.Tensor] | None = None
+        self.test_set = load_dataset(config.dataset, "test", Path(config.data_dir) if config.data_dir else None)
+        self.registry = Registry(config.workers)
+        self.mirrors = MirrorStore()
+        self.recorder = RunRecorder(run_dir)
+        self._cond = threading.Condition()
+        self._round: OpenRound | None = None
+        self._ledger = RoundLedger()
+        self._completed = 0
+        self._finished = False
+        self._told_finished: set[int] = set()
+        self._last_eval = (math.nan, math.nan)
+        self._totals = {"uplink": 0, "downlink": 0}
+        self._full_parts_bytes: dict[int, int] = {}
+        self._started = time.monotonic()
+
+    # ---------------------------------------------------------- worker side
+
+    def join(self, name: str) -> tuple[WorkerRecord, dict[int, int]]:
+        record, rejoined = self.registry.join(name)
+        versions = self.mirrors.versions(record.worker_id)
+        log.info("%s %s as worker %d (shard %d)", name, "re-joined" if rejoined else "joined", record.worker_id, record.shard_index)
+        with self._cond:
+            self._cond.notify_all()
+        return record, versions
+
+    def experiment_spec(self, shard_index: int) -> pb.ExperimentSpec:
+        c = self.config
+        return pb.ExperimentSpec(
+            dataset=c.dataset, model=c.model, partition=c.partition, classes_per_worker=c.classes_per_worker,
+            dirichlet_alpha=c.dirichlet_alpha, num_shards=c.workers, seed=c.seed, granularity=c.granularity,
+            model_fingerprint=self.fingerprint,
+        )
+
+    def wait_for_task(self, worker_id: int, max_wait: float) -> RoundTaskSnapshot | pb.Finished | None:
+        """The round task for this worker, Finished, or None after max_wait seconds."""
+        end = time.monotonic() + max_wait
+        with self._cond:
+            while True:
+                if self._finished:
+                    self._told_finished.add(worker_id)
+                    self._cond.notify_all()
+                    return pb.Finished(reason=f"training finished after {self._completed} rounds")
+                current = self._round
+                if current and worker_id in current.sampled and worker_id not in current.accepted:
+                    return current.snapshot
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+
+    def count_downlink(self, worker_id: int, kind: str, count: int) -> None:
+        with self._cond:
+            self._ledger.add_downlink(worker_id, kind, count)
+            self._totals["downlink"] += count
+
+    def submit(self, worker_id: int, update: ReceivedUpdate) -> AcceptedUpdate:
+        """Accept one upload atomically, or raise UpdateRejected and change nothing but the byte counters."""
+        with self._cond:
+            self._ledger.add_uplink(worker_id, update.bytes_by_kind)
+            self._totals["uplink"] += update.wire_bytes
+            try:
+                accepted = self._judge(worker_id, update)
+            except UpdateRejected as error:
+                self._ledger.refused[pb.ErrorDetail.Reason.Name(error.reason)] += 1
+                raise
+            current = self._round
+            self.mirrors.replace(worker_id, accepted.new_mirrors)
+            current.accepted[worker_id] = accepted
+            current.equivalent_bytes += update.bytes_by_kind["header"] + self._all_full_bytes(current.number)
+            if current.sampled <= current.accepted.keys():
+                self._cond.notify_all()
+            return accepted
+
+    def record_refusal(self, worker_id: int, reason: int, wire_bytes: int) -> None:
+        """Count an upload refused before it reached `submit` (bad stream, bad token)."""
+        with self._cond:
+            self._ledger.add_uplink(worker_id, {"refused": wire_bytes})
+            self._totals["uplink"] += wire_bytes
+            self._ledger.refused[pb.ErrorDetail.Reason.Name(reason)] += 1
+
+    def _judge(self, worker_id: int, update: ReceivedUpdate) -> AcceptedUpdate:
+        current = self._round
+        claimed = update.header.round
+        if current is None or claimed != current.number:
+            now = current.number if current else self._completed
+            raise UpdateRejected(pb.ErrorDetail.ROUND_CLOSED, f"round {claimed} is not open (current round: {now})")
+        if worker_id not in current.sampled:
+            raise UpdateRejected(pb.ErrorDetail.NOT_SAMPLED, f"worker {worker_id} was not sampled in round {claimed}")
+        if worker_id in current.accepted:
+            raise UpdateRejected(pb.ErrorDetail.DUPLICATE, f"worker {worker_id} already submitted round {claimed}")
+        return judge_update(
+            update, current.number, self.layer_shapes, self.units, self.mirrors.of_worker(worker_id),
+            allowed_dtypes=frozenset({self.wire_dtype}),
+        )
+
+    def _all_full_bytes(self, round_number: int) -> int:
+        """Serialized size of every layer sent in full (the delta = 0 upload), header excluded."""
+        key = max(1, (round_number.bit_length() + 6) // 7)  # sizes depend only on the version's varint length
+        if key not in self._full_parts_bytes:
+            layers = [
+                FullLayer(layer=i, lbg_version=round_number, tensor=torch.zeros(shape, dtype=self.wire_dtype))
+                for i, shape in enumerate(self.layer_shapes)
+            ]
+            parts = update_parts(pb.UpdateHeader(), layers, [])
+            next(parts)
+            self._full_parts_bytes[key] = sum(wire_size(part) for part in parts)
+        return self._full_parts_bytes[key]
+
+    def status(self) -> pb.StatusReply:
+        with self._cond:
+            current = self._round.number if self._round else self._completed
+            return pb.StatusReply(
+                round=current, total_rounds=self.config.rounds, workers_joined=len(self.registry),
+                test_accuracy=self._last_eval[0], test_loss=self._last_eval[1],
+                uplink_bytes=self._totals["uplink"], downlink_bytes=self._totals["downlink"],
+                finished=self._finished, completed_rounds=self._completed,
+            )
+
+    # ---------------------------------------------------------- driver
+
+    def run(self) -> dict:
+        """Run every round; returns the summary written to summary.json."""
+        self._wait_for_workers()
+        rng = np.random.default_rng(self.config.seed)
+        for number in range(1, self.config.rounds + 1):
+            self._run_round(number, rng)
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+        summary = self.recorder.write_summary({
+            "wall_seconds": time.monotonic() - self._started,
+            "mirror_bytes": self.mirrors.nbytes(),
+            "config": dataclasses.asdict(self.config),
+        })
+        log.info("finished %d rounds: accuracy %.4f, uplink %d bytes (%.1f%% saved vs delta=0)",
+                 summary["rounds_completed"], summary["final_accuracy"], summary["uplink_bytes"],
+                 100 * summary["uplink_savings"])
+        return summary
+
+    def wait_until_workers_told(self, timeout: float) -> None:
+        """After the last round, give polling workers a moment to hear that training finished."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while set(self.registry.ids()) - self._told_finished and time.monotonic() < end:
+                self._cond.wait(max(0.0, end - time.monotonic()))
+
+    def _wait_for_workers(self) -> None:
+        needed = self.config.effective_min_workers
+        with self._cond:
+            while len(self.registry) < needed:
+                log.info("waiting for workers: %d of %d joined", len(self.registry), needed)
+                self._cond.wait(10.0)
+
+    def _run_round(self, number: int, rng: np.random.Generator) -> None:
+        joined = self.registry.ids()
+        count = max(1, round(self.config.fraction * len(joined)))
+        sampled = frozenset(int(w) for w in rng.choice(joined, size=count, replace=False))
+        c = self.config
+        settings = pb.TrainSettings(
+            local_steps=c.local_steps, batch_size=c.batch_size, local_lr=c.local_lr, delta=c.delta,
+            wire_dtype=pb.DType.Value(c.wire_dtype.upper()),
+        )
+        task = pb.RoundTask(round=number, total_rounds=c.rounds, settings=settings, num_tensors=len(self.params),
+                            seconds_to_deadline=c.round_timeout)
+        snapshot = RoundTaskSnapshot(task=task, model=[EncodedTensor.of(p) for p in self.params])
+        started = time.monotonic()
+        with self._cond:
+            self._round = OpenRound(number, sampled, started + c.round_timeout, snapshot, started)
+            self._cond.notify_all()
+            while not sampled <= self._round.accepted.keys() and time.monotonic() < self._round.deadline:
+                self._cond.wait(self._round.deadline - time.monotonic())
+            closed, self._round = self._round, None
+            ledger, self._ledger = self._ledger, RoundLedger()
+        participants = sorted(closed.accepted)
+        if participants:
+            updates = [closed.accepted[w] for w in participants]
+            weights = aggregation_weights([u.num_samples for u in updates])
+            aggregated = weighted_sum([u.gradient for u in updates], weights)
+            self.params, self.velocity = server_sgd_step(
+                self.params, aggregated, self.velocity, c.effective_server_lr, c.server_momentum)
+            train_loss = float(sum(w * u.train_loss for w, u in zip(weights, updates)))
+        else:
+            log.warning("round %d: no update arrived before the deadline; model unchanged", number)
+            train_loss = math.nan
+        load_parameters(self.model, self.params)
+        accuracy, loss = evaluate(self.model, self.test_set, c.eval_batch_size)
+        with self._cond:
+            self._completed = number
+            self._last_eval = (accuracy, loss)
+        missing = sorted(sampled - set(participants))
+        if missing:
+            log.warning("round %d closed without workers %s", number, missing)
+        record = {
+            "round": number,
+            "sampled": sorted(sampled),
+            "participants": participants,
+            "missing": missing,
+            "test_accuracy": accuracy,
+            "test_loss": loss,
+            "train_loss": train_loss,
+            **ledger.as_record(),
+            "full_equivalent_uplink_bytes": closed.equivalent_bytes,
+            "floats_uploaded": sum(u.floats_uploaded for u in closed.accepted.values()),
+            "full_equivalent_floats": len(participants) * sum(p.numel() for p in self.params),
+            "full_units": sum(u.full_units for u in closed.accepted.values()),
+            "scalar_units": sum(u.scalar_units for u in closed.accepted.values()),
+            "round_seconds": time.monotonic() - started,
+            "elapsed_seconds": time.monotonic() - self._started,
+        }
+        self.recorder.add_round(record)
+        log.info("round %d/%d: accuracy %.4f loss %.4f, %d/%d workers, %d scalar / %d full units, uplink %d B",
+                 number, c.rounds, accuracy, loss, len(participants), len(sampled), record["scalar_units"],
+                 record["full_units"], record["uplink_bytes"])

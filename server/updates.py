@@ -1,0 +1,127 @@
+"""Judge one worker's upload against the model and that worker's mirrors.
+
+Pure: given the parsed upload and the current mirror entries it returns the
+rebuilt gradient and the mirror entries to install, or raises UpdateRejected.
+Nothing is written here, which is what makes a refused upload change nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lbgm.common.lookback import Unit, rebuild
+from lbgm.common.wire import ReceivedUpdate
+from lbgm.server.mirrors import MirrorEntry
+from lbgm.v1 import lbgm_pb2 as pb
+
+
+class UpdateRejected(Exception):
+    """An upload that must not touch any state; `reason` tells the worker why."""
+
+    def __init__(self, reason: int, message: str, stale_units: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.stale_units = list(stale_units)
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    gradient: list[torch.Tensor]  # float32, one per layer: full or rho * LBG
+    new_mirrors: dict[int, MirrorEntry]
+    num_samples: int
+    train_loss: float
+    full_units: int
+    scalar_units: int
+    floats_uploaded: int
+
+
+def judge_update(
+    update: ReceivedUpdate,
+    round_number: int,
+    layer_shapes: Sequence[tuple[int, ...]],
+    units: Sequence[Unit],
+    mirrors: dict[int, MirrorEntry],
+    allowed_dtypes: frozenset[torch.dtype],
+) -> AcceptedUpdate:
+    """Check every rule of the protocol; rebuild the gradient if all hold."""
+    malformed = pb.ErrorDetail.MALFORMED
+    if update.header.num_samples == 0:
+        raise UpdateRejected(malformed, "num_samples must be positive")
+    if not math.isfinite(update.header.train_loss):
+        raise UpdateRejected(malformed, f"train_loss is not finite: {update.header.train_loss}")
+
+    full_by_layer = {}
+    for item in update.full:
+        if not 0 <= item.layer < len(layer_shapes):
+            raise UpdateRejected(malformed, f"layer {item.layer} out of range [0, {len(layer_shapes)})")
+        if item.layer in full_by_layer:
+            raise UpdateRejected(malformed, f"layer {item.layer} sent twice")
+        if tuple(item.tensor.shape) != tuple(layer_shapes[item.layer]):
+            raise UpdateRejected(
+                malformed, f"layer {item.layer} has shape {list(item.tensor.shape)}, expected {list(layer_shapes[item.layer])}"
+            )
+        if item.tensor.dtype not in allowed_dtypes:
+            raise UpdateRejected(malformed, f"layer {item.layer} has dtype {item.tensor.dtype}, expected one of {sorted(map(str, allowed_dtypes))}")
+        if item.lbg_version != round_number:
+            raise UpdateRejected(malformed, f"layer {item.layer} carries LBG version {item.lbg_version}, expected the round {round_number}")
+        if not bool(torch.isfinite(item.tensor).all()):
+            raise UpdateRejected(malformed, f"layer {item.layer} contains NaN or Inf")
+        full_by_layer[item.layer] = item.tensor
+
+    scalar_by_unit = {}
+    for entry in update.scalars:
+        if not 0 <= entry.unit < len(units):
+            raise UpdateRejected(malformed, f"scalar for unit {entry.unit} out of range [0, {len(units)})")
+        if entry.unit in scalar_by_unit:
+            raise UpdateRejected(malformed, f"unit {entry.unit} has two scalars")
+        if not math.isfinite(entry.rho):
+            raise UpdateRejected(malformed, f"rho for unit {entry.unit} is not finite: {entry.rho}")
+        scalar_by_unit[entry.unit] = entry
+
+    gradient: list[torch.Tensor | None] = [None] * len(layer_shapes)
+    new_mirrors: dict[int, MirrorEntry] = {}
+    stale: list[int] = []
+    floats = 0
+    for unit_index, unit in enumerate(units):
+        sent_full = [layer in full_by_layer for layer in unit]
+        scalar = scalar_by_unit.get(unit_index)
+        if all(sent_full) and scalar is None:
+            tensors = tuple(full_by_layer[layer] for layer in unit)
+            new_mirrors[unit_index] = MirrorEntry(tensors=tensors, version=round_number)
+            for layer, tensor in zip(unit, tensors):
+                gradient[layer] = tensor.to(torch.float32)
+                floats += tensor.numel()
+        elif not any(sent_full) and scalar is not None:
+            mirror = mirrors.get(unit_index)
+            if mirror is None or mirror.version != scalar.lbg_version:
+                stale.append(unit_index)
+                continue
+            for layer, rebuilt in zip(unit, rebuild(mirror.tensors, scalar.rho)):
+                gradient[layer] = rebuilt
+            floats += 1
+        else:
+            raise UpdateRejected(
+                malformed,
+                f"unit {unit_index} (layers {list(unit)}) must come either fully as FullGradient or as one scalar",
+            )
+    if stale:
+        held = {unit: mirrors[unit].version if unit in mirrors else 0 for unit in stale}
+        raise UpdateRejected(
+            pb.ErrorDetail.STALE_LBG,
+            f"scalar updates name LBG versions the server does not hold for units {stale} "
+            f"(server holds versions {held}; 0 = none); resend those units in full",
+            stale_units=stale,
+        )
+    return AcceptedUpdate(
+        gradient=[g for g in gradient if g is not None],
+        new_mirrors=new_mirrors,
+        num_samples=int(update.header.num_samples),
+        train_loss=float(update.header.train_loss),
+        full_units=len(new_mirrors),
+        scalar_units=len(scalar_by_unit),
+        floats_uploaded=floats,
+    )

@@ -1,0 +1,43 @@
+"""A worker process: hosts one or more virtual workers, each in a thread."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from lbgm.worker.client import RetryPolicy, VirtualWorker, WorkerStopped
+
+log = logging.getLogger(__name__)
+
+
+def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_seconds: float = 20.0,
+                        retry: RetryPolicy = RetryPolicy()) -> int:
+    """Run every named virtual worker until training finishes; 0 if all ended cleanly."""
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def run_one(worker: VirtualWorker) -> None:
+        try:
+            stats = worker.run()
+            log.info("%s: done after %d rounds (%d full, %d scalar units, %d stale resends)", worker.name,
+                     stats.rounds, stats.full_units, stats.scalar_units, stats.stale_resends)
+        except WorkerStopped:
+            log.info("%s: stopped", worker.name)
+        except Exception as error:  # noqa: BLE001 - one failing virtual worker must not hide the others
+            failures.append(worker.name)
+            log.error("%s: %s", worker.name, error, exc_info=not isinstance(error, ConnectionError))
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+    workers = [VirtualWorker(name, target, data_dir, poll_seconds, retry, stop) for name in names]
+    threads = [threading.Thread(target=run_one, args=(w,), name=w.name) for w in workers]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        for thread in threads:
+            thread.join(timeout=0.5)
+    if failures:
+        log.error("%d of %d virtual workers failed: %s", len(failures), len(names), failures)
+    return 1 if failures else 0

@@ -1,0 +1,195 @@
+"""One virtual worker: its own channel, identity, data shard and LBG state.
+
+It dials out to the aggregator, joins, then loops: long-poll for a task,
+train locally, encode with LBGM, upload. Transport failures are retried with
+exponential backoff and full jitter; a refused upload leaves the local LBGs
+untouched (they are committed only once the server accepted the upload), and
+a STALE_LBG refusal is answered by resending the named units in full.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from lbgm.common.codec import torch_dtype
+from lbgm.common.grpc_options import CHANNEL_OPTIONS, ERROR_DETAIL_KEY, PROTOCOL
+from lbgm.common.lookback import decision_units
+from lbgm.common.models import build_model, model_fingerprint
+from lbgm.common.wire import ReceivedTask, read_task, update_parts
+from lbgm.v1 import lbgm_pb2 as pb
+from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
+from lbgm.worker.encoder import EncodedRound, LbgmEncoder
+from lbgm.worker.shards import local_shard
+from lbgm.worker.trainer import LocalTrainer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+MAX_MODEL_TENSOR_BYTES = 1 << 31
+
+
+class WorkerStopped(Exception):
+    """The worker was asked to stop while waiting."""
+
+
+class ServerUnreachable(ConnectionError):
+    """The server stayed unreachable for longer than the retry policy allows."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    initial_seconds: float = 0.5
+    max_seconds: float = 20.0
+    give_up_seconds: float = 300.0
+
+
+@dataclass
+class WorkerStats:
+    rounds: int = 0
+    full_units: int = 0
+    scalar_units: int = 0
+    stale_resends: int = 0
+    refused_rounds: int = 0
+
+
+def error_detail(error: grpc.RpcError) -> pb.ErrorDetail | None:
+    """The server's machine-readable reason for a refused call, if it sent one."""
+    for key, value in error.trailing_metadata() or ():
+        if key == ERROR_DETAIL_KEY:
+            return pb.ErrorDetail.FromString(value)
+    return None
+
+
+class VirtualWorker:
+    def __init__(self, name: str, target: str, data_dir: str = "", poll_seconds: float = 20.0,
+                 retry: RetryPolicy = RetryPolicy(), stop: threading.Event | None = None) -> None:
+        self.name = name
+        self.target = target
+        self.data_dir = data_dir
+        self.poll_seconds = poll_seconds
+        self.retry = retry
+        self.stop = stop or threading.Event()
+        self.stats = WorkerStats()
+        self.worker_id = 0
+        self.token = b""
+        self.encoder: LbgmEncoder | None = None
+        self.trainer: LocalTrainer | None = None
+        self._random = random.Random(name)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _call(self, call: Callable[[], T], what: str) -> T:
+        """call(), retrying transport failures with exponential backoff and full jitter."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as error:
+                if error.code() not in RETRYABLE:
+                    raise
+                if time.monotonic() - started > self.retry.give_up_seconds:
+                    raise ServerUnreachable(
+                        f"{self.name}: server {self.target} unreachable for {self.retry.give_up_seconds:.0f}s "
+                        f"while trying to {what}: {error.details()}") from None
+                ceiling = min(self.retry.max_seconds, self.retry.initial_seconds * 2 ** attempt)
+                delay = self._random.uniform(0.1 * ceiling, ceiling)
+                log.warning("%s: cannot %s (%s: %s); retrying in %.1fs", self.name, what, error.code().name,
+                            error.details(), delay)
+                attempt += 1
+                if self.stop.wait(delay):
+                    raise WorkerStopped() from None
+
+    # ------------------------------------------------------------ protocol
+
+    def join(self, stub: pb_grpc.AggregatorStub) -> None:
+        reply = self._call(lambda: stub.Join(pb.JoinRequest(worker_name=self.name, protocol=PROTOCOL), timeout=30),
+                           "join")
+        self.worker_id, self.token = reply.worker_id, reply.token
+        spec = reply.experiment
+        if self.trainer is None:
+            model = build_model(spec.model, spec.seed)
+            if model_fingerprint(model) != spec.model_fingerprint:
+                raise RuntimeError(f"{self.name}: local model {spec.model!r} differs from the server's "
+                                   f"(fingerprint {model_fingerprint(model)} != {spec.model_fingerprint})")
+            images, labels = local_shard(spec, reply.shard_index, self.data_dir)
+            self.trainer = LocalTrainer(model, images, labels, seed=spec.seed * 100_003 + reply.shard_index)
+            self.encoder = LbgmEncoder(decision_units(len(list(model.parameters())), spec.granularity))
+        dropped = self.encoder.keep_matching({v.unit: v.version for v in reply.lbg_versions})
+        if dropped:
+            log.warning("%s: server does not hold my LBGs for units %s; they will go in full", self.name, dropped)
+        log.info("%s: joined as worker %d with shard %d (%d samples)", self.name, self.worker_id,
+                 reply.shard_index, self.trainer.num_samples)
+
+    def run(self) -> WorkerStats:
+        with grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.AggregatorStub(channel)
+            self.join(stub)
+            while not self.stop.is_set():
+                request = pb.TaskRequest(worker_id=self.worker_id, token=self.token, max_wait_seconds=self.poll_seconds)
+                try:
+                    result = self._call(
+                        lambda: read_task(stub.GetTask(request, timeout=self.poll_seconds + 30), MAX_MODEL_TENSOR_BYTES),
+                        "poll for a task")
+                except grpc.RpcError as error:
+                    if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+                        raise
+                    log.warning("%s: server no longer knows me (%s); re-joining", self.name, error.details())
+                    self.join(stub)
+                    continue
+                if isinstance(result, pb.Finished):
+                    log.info("%s: %s", self.name, result.reason)
+                    break
+                if result is not None:
+                    self.run_round(stub, result)
+        return self.stats
+
+    def run_round(self, stub: pb_grpc.AggregatorStub, received: ReceivedTask) -> None:
+        task = received.task
+        settings = task.settings
+        gradient, loss = self.trainer.train(received.tensors, settings.local_steps, settings.batch_size,
+                                            settings.local_lr)
+        wire_dtype = torch_dtype(settings.wire_dtype)
+        force_full: set[int] = set()
+        header = pb.UpdateHeader(worker_id=self.worker_id, token=self.token, round=task.round,
+                                 num_samples=self.trainer.num_samples, train_loss=loss)
+        while True:
+            encoded = self.encoder.encode(gradient, task.round, settings.delta, wire_dtype, force_full)
+            try:
+                self._call(lambda: stub.SubmitUpdate(update_parts(header, encoded.full, encoded.scalars),
+                                                     timeout=task.seconds_to_deadline + 30), "upload")
+            except grpc.RpcError as error:
+                detail = error_detail(error)
+                reason = detail.reason if detail else pb.ErrorDetail.REASON_UNSPECIFIED
+                if reason == pb.ErrorDetail.STALE_LBG and not force_full:
+                    log.warning("%s: round %d: server lacks my LBGs for units %s; resending them in full",
+                                self.name, task.round, list(detail.stale_units))
+                    self.stats.stale_resends += 1
+                    force_full = set(detail.stale_units)
+                    continue
+                if reason == pb.ErrorDetail.DUPLICATE:
+                    # An earlier attempt of this very upload got through before the connection failed.
+                    self._accepted(encoded)
+                    return
+                self.stats.refused_rounds += 1
+                log.warning("%s: round %d upload refused (%s): %s", self.name, task.round, error.code().name,
+                            error.details())
+                return
+            self._accepted(encoded)
+            return
+
+    def _accepted(self, encoded: EncodedRound) -> None:
+        self.encoder.commit(encoded)
+        self.stats.rounds += 1
+        self.stats.full_units += len(encoded.new_lbgs)
+        self.stats.scalar_units += len(encoded.scalars)
+
