@@ -31,7 +31,7 @@ STARTUP_TIMEOUT_SECONDS = 120.0
 
 
 def _lbgm_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lbgm.cli.main", *args]
+    return [sys.executable, "-m", "lbgm.cli", *args]
 
 
 def _wait_for_port(port_file: Path, server: subprocess.Popen, log_path: Path) -> int:

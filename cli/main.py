@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--poll-seconds", type=float, default=20.0, help="long-poll window for tasks (default: 20)")
     worker.add_argument("--give-up-after", type=float, default=300.0,
                         help="seconds of an unreachable server before the worker exits (default: 300)")
+    worker.add_argument("--state-dir", type=Path,
+                        help="keep each virtual worker's LBGs here, so a restarted worker goes on sending scalars")
     worker.add_argument("--torch-threads", type=int, default=1, help="intra-op threads for local training (default: 1)")
     _add_common(worker)
 
@@ -108,7 +110,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.torch_threads))
     names = [args.name] if args.virtual_workers == 1 else [f"{args.name}-{i}" for i in range(args.virtual_workers)]
     return run_virtual_workers(args.server, names, args.data_dir, args.poll_seconds,
-                               RetryPolicy(give_up_seconds=args.give_up_after))
+                               RetryPolicy(give_up_seconds=args.give_up_after), args.state_dir)
 
 
 def fetch_status(target: str, timeout: float = 5.0) -> pb.StatusReply:
@@ -161,7 +163,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lbgm {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -50,6 +50,7 @@ class ExperimentConfig:
     server_lr: float = _doc("server step size on the aggregated gradient (0 = same as local_lr: FedAvg)", 0.0)
     server_momentum: float = _doc("server heavy-ball momentum (the reference uses 0.9)", 0.0)
     delta: float = _doc("LBGM threshold on the look-back phase error; 0 sends everything in full", 0.2)
+    error_feedback: bool = _doc("carry each scalar update's residual g - rho*LBG into the next round's gradient", False)
     granularity: str = _doc("one LBGM decision per 'layer' (parameter tensor) or for the whole 'model'", "layer")
     wire_dtype: str = _doc(f"dtype of full gradients on the wire: {', '.join(WIRE_DTYPES)}", "float32")
     round_timeout: float = _doc("seconds a round waits for sampled workers before closing with what arrived", 120.0)
@@ -136,14 +137,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("experiment settings (override the config file)")
     group.add_argument("--config", type=Path, help="TOML file with experiment settings")
     for name, spec in FIELDS.items():
-        group.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            type=type(spec.default),
-            default=None,
-            metavar=type(spec.default).__name__.upper(),
-            help=f"{spec.metadata['help']} (default: {spec.default!r})",
-        )
+        flag = f"--{name.replace('_', '-')}"
+        text = f"{spec.metadata['help']} (default: {spec.default!r})"
+        if isinstance(spec.default, bool):
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            kind = type(spec.default)
+            group.add_argument(flag, dest=name, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -156,6 +156,6 @@ def config_to_toml(config: ExperimentConfig) -> str:
     lines = ["[experiment]"]
     for name, value in dataclasses.asdict(config).items():
         # JSON string escapes are valid TOML basic-string escapes.
-        rendered = json.dumps(value) if isinstance(value, str) else repr(value)
+        rendered = json.dumps(value) if isinstance(value, (str, bool)) else repr(value)
         lines.append(f"{name} = {rendered}")
     return "\n".join(lines) + "\n"

@@ -30,6 +30,14 @@ Unit = tuple[int, ...]  # indices of the parameter tensors one decision covers
 
 
 @dataclass(frozen=True)
+class LookbackGradient:
+    """An LBG as both sides hold it: bit-identical on worker and server."""
+
+    tensors: tuple[torch.Tensor, ...]  # in the precision it travelled in, one per layer of its unit
+    version: int  # round in which it travelled
+
+
+@dataclass(frozen=True)
 class LookbackDecision:
     """Outcome of the LBGM test for one unit."""
 

@@ -27,9 +27,15 @@ def fully_connected(in_features: int = 784, num_classes: int = 10) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
 
 
+def multilayer_perceptron(in_features: int = 784, hidden: int = 200, num_classes: int = 10) -> nn.Module:
+    """A small MLP: cheap enough for full-batch local steps on two CPU cores."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "cnn": reference_cnn,
     "fcn": fully_connected,
+    "mlp": multilayer_perceptron,
 }
 
 

@@ -8,31 +8,23 @@ replaced, never mutated, so a reader never sees a half-written LBG.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-
-import torch
-
-
-@dataclass(frozen=True)
-class MirrorEntry:
-    tensors: tuple[torch.Tensor, ...]  # in wire precision, one per layer of the unit
-    version: int  # round in which this LBG travelled
+from lbgm.common.lookback import LookbackGradient
 
 
 class MirrorStore:
     def __init__(self) -> None:
-        self._entries: dict[int, dict[int, MirrorEntry]] = {}
+        self._entries: dict[int, dict[int, LookbackGradient]] = {}
         self._lock = threading.Lock()
 
-    def get(self, worker_id: int, unit: int) -> MirrorEntry | None:
+    def get(self, worker_id: int, unit: int) -> LookbackGradient | None:
         with self._lock:
             return self._entries.get(worker_id, {}).get(unit)
 
-    def of_worker(self, worker_id: int) -> dict[int, MirrorEntry]:
+    def of_worker(self, worker_id: int) -> dict[int, LookbackGradient]:
         with self._lock:
             return dict(self._entries.get(worker_id, {}))
 
-    def replace(self, worker_id: int, updates: dict[int, MirrorEntry]) -> None:
+    def replace(self, worker_id: int, updates: dict[int, LookbackGradient]) -> None:
         """Install all of one worker's new LBGs at once."""
         with self._lock:
             self._entries.setdefault(worker_id, {}).update(updates)

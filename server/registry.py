@@ -66,6 +66,10 @@ class Registry:
             raise AuthError(f"bad token for worker {worker_id}")
         return record
 
+    def name_of(self, worker_id: int) -> str:
+        with self._lock:
+            return self._by_id[worker_id].name
+
     def ids(self) -> list[int]:
         with self._lock:
             return sorted(self._by_id)

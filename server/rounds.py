@@ -26,6 +26,7 @@ from lbgm.common.config import ExperimentConfig
 from lbgm.common.datasets import load_dataset
 from lbgm.common.lookback import aggregation_weights, decision_units, server_sgd_step, weighted_sum
 from lbgm.common.models import build_model, model_fingerprint
+from lbgm.common.state_files import lbgs_to_state, save_atomic
 from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_parts, wire_size
 from lbgm.server.accounting import RoundLedger, RunRecorder
 from lbgm.server.evaluation import evaluate, load_parameters
@@ -194,6 +195,7 @@ class Coordinator:
         rng = np.random.default_rng(self.config.seed)
         for number in range(1, self.config.rounds + 1):
             self._run_round(number, rng)
+        self._save_final_state()
         with self._cond:
             self._finished = True
             self._cond.notify_all()
@@ -206,6 +208,14 @@ class Coordinator:
                  summary["rounds_completed"], summary["final_accuracy"], summary["uplink_bytes"],
                  100 * summary["uplink_savings"])
         return summary
+
+    def _save_final_state(self) -> None:
+        """final_model.pt (parameters) and mirrors.pt (every worker's LBGs, by worker name)."""
+        run_dir = self.recorder.run_dir
+        save_atomic(run_dir / "final_model.pt", self.params)
+        names = {worker_id: self.registry.name_of(worker_id) for worker_id in self.registry.ids()}
+        save_atomic(run_dir / "mirrors.pt",
+                    {names[w]: lbgs_to_state(self.mirrors.of_worker(w)) for w in names})
 
     def wait_until_workers_told(self, timeout: float) -> None:
         """After the last round, give polling workers a moment to hear that training finished."""
@@ -228,7 +238,7 @@ class Coordinator:
         c = self.config
         settings = pb.TrainSettings(
             local_steps=c.local_steps, batch_size=c.batch_size, local_lr=c.local_lr, delta=c.delta,
-            wire_dtype=pb.DType.Value(c.wire_dtype.upper()),
+            wire_dtype=pb.DType.Value(c.wire_dtype.upper()), error_feedback=c.error_feedback,
         )
         task = pb.RoundTask(round=number, total_rounds=c.rounds, settings=settings, num_tensors=len(self.params),
                             seconds_to_deadline=c.round_timeout)

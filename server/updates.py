@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lbgm.common.lookback import Unit, rebuild
+from lbgm.common.lookback import LookbackGradient, Unit, rebuild
 from lbgm.common.wire import ReceivedUpdate
-from lbgm.server.mirrors import MirrorEntry
 from lbgm.v1 import lbgm_pb2 as pb
 
 
@@ -31,7 +30,7 @@ class UpdateRejected(Exception):
 @dataclass(frozen=True)
 class AcceptedUpdate:
     gradient: list[torch.Tensor]  # float32, one per layer: full or rho * LBG
-    new_mirrors: dict[int, MirrorEntry]
+    new_mirrors: dict[int, LookbackGradient]
     num_samples: int
     train_loss: float
     full_units: int
@@ -44,7 +43,7 @@ def judge_update(
     round_number: int,
     layer_shapes: Sequence[tuple[int, ...]],
     units: Sequence[Unit],
-    mirrors: dict[int, MirrorEntry],
+    mirrors: dict[int, LookbackGradient],
     allowed_dtypes: frozenset[torch.dtype],
 ) -> AcceptedUpdate:
     """Check every rule of the protocol; rebuild the gradient if all hold."""
@@ -83,7 +82,7 @@ def judge_update(
         scalar_by_unit[entry.unit] = entry
 
     gradient: list[torch.Tensor | None] = [None] * len(layer_shapes)
-    new_mirrors: dict[int, MirrorEntry] = {}
+    new_mirrors: dict[int, LookbackGradient] = {}
     stale: list[int] = []
     floats = 0
     for unit_index, unit in enumerate(units):
@@ -91,7 +90,7 @@ def judge_update(
         scalar = scalar_by_unit.get(unit_index)
         if all(sent_full) and scalar is None:
             tensors = tuple(full_by_layer[layer] for layer in unit)
-            new_mirrors[unit_index] = MirrorEntry(tensors=tensors, version=round_number)
+            new_mirrors[unit_index] = LookbackGradient(tensors=tensors, version=round_number)
             for layer, tensor in zip(unit, tensors):
                 gradient[layer] = tensor.to(torch.float32)
                 floats += tensor.numel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 
 from lbgm.worker.client import RetryPolicy, VirtualWorker, WorkerStopped
 
@@ -12,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_seconds: float = 20.0,
-                        retry: RetryPolicy = RetryPolicy()) -> int:
+                        retry: RetryPolicy = RetryPolicy(), state_dir: Path | None = None) -> int:
     """Run every named virtual worker until training finishes; 0 if all ended cleanly."""
     stop = threading.Event()
     failures: list[str] = []
@@ -31,7 +32,7 @@ def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-    workers = [VirtualWorker(name, target, data_dir, poll_seconds, retry, stop) for name in names]
+    workers = [VirtualWorker(name, target, data_dir, poll_seconds, retry, stop, state_dir) for name in names]
     threads = [threading.Thread(target=run_one, args=(w,), name=w.name) for w in workers]
     for thread in threads:
         thread.start()

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -23,12 +24,14 @@ from lbgm.common.codec import torch_dtype
 from lbgm.common.grpc_options import CHANNEL_OPTIONS, ERROR_DETAIL_KEY, PROTOCOL
 from lbgm.common.lookback import decision_units
 from lbgm.common.models import build_model, model_fingerprint
+from lbgm.common.state_files import lbgs_from_state, lbgs_to_state, save_atomic
+from lbgm.common.state_files import load as load_state
 from lbgm.common.wire import ReceivedTask, read_task, update_parts
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 from lbgm.worker.encoder import EncodedRound, LbgmEncoder
 from lbgm.worker.shards import local_shard
-from lbgm.worker.trainer import LocalTrainer
+from lbgm.worker.trainer import LocalTrainer, local_seed
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +74,16 @@ def error_detail(error: grpc.RpcError) -> pb.ErrorDetail | None:
 
 class VirtualWorker:
     def __init__(self, name: str, target: str, data_dir: str = "", poll_seconds: float = 20.0,
-                 retry: RetryPolicy = RetryPolicy(), stop: threading.Event | None = None) -> None:
+                 retry: RetryPolicy = RetryPolicy(), stop: threading.Event | None = None,
+                 state_dir: Path | None = None) -> None:
         self.name = name
         self.target = target
         self.data_dir = data_dir
         self.poll_seconds = poll_seconds
         self.retry = retry
         self.stop = stop or threading.Event()
+        # With a state dir the LBGs survive a restart: the worker re-joins and keeps sending scalars.
+        self.state_path = state_dir / f"{name.replace('/', '_')}.lbg.pt" if state_dir else None
         self.stats = WorkerStats()
         self.worker_id = 0
         self.token = b""
@@ -122,8 +128,10 @@ class VirtualWorker:
                 raise RuntimeError(f"{self.name}: local model {spec.model!r} differs from the server's "
                                    f"(fingerprint {model_fingerprint(model)} != {spec.model_fingerprint})")
             images, labels = local_shard(spec, reply.shard_index, self.data_dir)
-            self.trainer = LocalTrainer(model, images, labels, seed=spec.seed * 100_003 + reply.shard_index)
+            self.trainer = LocalTrainer(model, images, labels, seed=local_seed(spec.seed, reply.shard_index))
             self.encoder = LbgmEncoder(decision_units(len(list(model.parameters())), spec.granularity))
+            if self.state_path is not None and self.state_path.exists():
+                self.encoder.lbgs = lbgs_from_state(load_state(self.state_path))
         dropped = self.encoder.keep_matching({v.unit: v.version for v in reply.lbg_versions})
         if dropped:
             log.warning("%s: server does not hold my LBGs for units %s; they will go in full", self.name, dropped)
@@ -163,7 +171,8 @@ class VirtualWorker:
         header = pb.UpdateHeader(worker_id=self.worker_id, token=self.token, round=task.round,
                                  num_samples=self.trainer.num_samples, train_loss=loss)
         while True:
-            encoded = self.encoder.encode(gradient, task.round, settings.delta, wire_dtype, force_full)
+            encoded = self.encoder.encode(gradient, task.round, settings.delta, wire_dtype, force_full,
+                                          settings.error_feedback)
             try:
                 self._call(lambda: stub.SubmitUpdate(update_parts(header, encoded.full, encoded.scalars),
                                                      timeout=task.seconds_to_deadline + 30), "upload")
@@ -189,6 +198,8 @@ class VirtualWorker:
 
     def _accepted(self, encoded: EncodedRound) -> None:
         self.encoder.commit(encoded)
+        if self.state_path is not None and encoded.new_lbgs:
+            save_atomic(self.state_path, lbgs_to_state(self.encoder.lbgs))
         self.stats.rounds += 1
         self.stats.full_units += len(encoded.new_lbgs)
         self.stats.scalar_units += len(encoded.scalars)

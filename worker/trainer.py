@@ -13,6 +13,11 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def local_seed(experiment_seed: int, shard_index: int) -> int:
+    """Seed of a worker's minibatch order: distinct per shard, fixed per experiment."""
+    return experiment_seed * 100_003 + shard_index
+
+
 class LocalTrainer:
     def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
         if len(labels) == 0:

@@ -111,18 +111,20 @@ class TaskRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., token: _Optional[bytes] = ..., max_wait_seconds: _Optional[float] = ...) -> None: ...
 
 class TrainSettings(_message.Message):
-    __slots__ = ("local_steps", "batch_size", "local_lr", "delta", "wire_dtype")
+    __slots__ = ("local_steps", "batch_size", "local_lr", "delta", "wire_dtype", "error_feedback")
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_LR_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     local_steps: int
     batch_size: int
     local_lr: float
     delta: float
     wire_dtype: DType
-    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_lr: _Optional[float] = ..., delta: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    error_feedback: bool
+    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_lr: _Optional[float] = ..., delta: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., error_feedback: _Optional[bool] = ...) -> None: ...
 
 class RoundTask(_message.Message):
     __slots__ = ("round", "total_rounds", "settings", "num_tensors", "seconds_to_deadline")

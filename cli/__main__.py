@@ -1,0 +1,7 @@
+"""`python -m lbgm.cli` is the `lbgm` command (what `lbgm run` starts its children with)."""
+
+import sys
+
+from lbgm.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,106 @@
+"""The federation without the network: same trainer, encoder, judge and
+aggregation as the gRPC system, called directly.
+
+Worker k here is the gRPC system's worker id k (shard k-1, the same local
+seed), and rounds sample ids with the same generator, so for the same config
+both produce the same global model up to float round-off. Tests and
+benchmarks use this as the reference for the distributed system.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lbgm.common.config import ExperimentConfig
+from lbgm.common.datasets import load_dataset
+from lbgm.common.lookback import aggregation_weights, decision_units, server_sgd_step, weighted_sum
+from lbgm.common.models import build_model
+from lbgm.common.partition import partition
+from lbgm.common.wire import ReceivedUpdate
+from lbgm.server.evaluation import evaluate, load_parameters
+from lbgm.server.mirrors import MirrorStore
+from lbgm.server.rounds import WIRE_DTYPES
+from lbgm.server.updates import judge_update
+from lbgm.v1 import lbgm_pb2 as pb
+from lbgm.worker.encoder import LbgmEncoder
+from lbgm.worker.trainer import LocalTrainer, local_seed
+
+
+@dataclass
+class SimulatedWorker:
+    worker_id: int
+    trainer: LocalTrainer
+    encoder: LbgmEncoder
+
+
+@dataclass
+class SimulationResult:
+    params: list[torch.Tensor]
+    mirrors: MirrorStore
+    workers: dict[int, SimulatedWorker]
+    rounds: list[dict] = field(default_factory=list)
+
+
+def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> SimulationResult:
+    data_dir = Path(config.data_dir) if config.data_dir else None
+    train = load_dataset(config.dataset, "train", data_dir)
+    test = load_dataset(config.dataset, "test", data_dir)
+    shards = partition(train.labels, config.workers, config.partition, config.seed,
+                       classes_per_worker=config.classes_per_worker, alpha=config.dirichlet_alpha)
+    model = build_model(config.model, config.seed)
+    params = [p.detach().clone() for p in model.parameters()]
+    shapes = [tuple(p.shape) for p in params]
+    units = decision_units(len(params), config.granularity)
+    wire_dtype = WIRE_DTYPES[config.wire_dtype]
+    workers = {
+        shard + 1: SimulatedWorker(
+            worker_id=shard + 1,
+            trainer=LocalTrainer(build_model(config.model, config.seed), train.images[idx], train.labels[idx],
+                                 seed=local_seed(config.seed, shard)),
+            encoder=LbgmEncoder(units),
+        )
+        for shard, idx in enumerate(shards)
+    }
+    mirrors = MirrorStore()
+    result = SimulationResult(params=params, mirrors=mirrors, workers=workers)
+    velocity = None
+    rng = np.random.default_rng(config.seed)
+    ids = sorted(workers)
+    for number in range(1, config.rounds + 1):
+        count = max(1, round(config.fraction * len(ids)))
+        sampled = sorted(int(w) for w in rng.choice(ids, size=count, replace=False))
+        accepted = []
+        for worker_id in sampled:
+            worker = workers[worker_id]
+            gradient, loss = worker.trainer.train(result.params, config.local_steps, config.batch_size, config.local_lr)
+            encoded = worker.encoder.encode(gradient, number, config.delta, wire_dtype,
+                                            error_feedback=config.error_feedback)
+            update = ReceivedUpdate(
+                header=pb.UpdateHeader(worker_id=worker_id, round=number, num_samples=worker.trainer.num_samples,
+                                       train_loss=loss),
+                full=encoded.full, scalars=encoded.scalars)
+            verdict = judge_update(update, number, shapes, units, mirrors.of_worker(worker_id),
+                                   allowed_dtypes=frozenset({wire_dtype}))
+            mirrors.replace(worker_id, verdict.new_mirrors)
+            worker.encoder.commit(encoded)
+            accepted.append(verdict)
+        weights = aggregation_weights([a.num_samples for a in accepted])
+        aggregated = weighted_sum([a.gradient for a in accepted], weights)
+        result.params, velocity = server_sgd_step(result.params, aggregated, velocity,
+                                                  config.effective_server_lr, config.server_momentum)
+        record = {
+            "round": number,
+            "full_units": sum(a.full_units for a in accepted),
+            "scalar_units": sum(a.scalar_units for a in accepted),
+            "floats_uploaded": sum(a.floats_uploaded for a in accepted),
+            "full_equivalent_floats": len(accepted) * sum(p.numel() for p in params),
+        }
+        if evaluate_every_round or number == config.rounds:
+            load_parameters(model, result.params)
+            record["test_accuracy"], record["test_loss"] = evaluate(model, test, config.eval_batch_size)
+        result.rounds.append(record)
+    return result

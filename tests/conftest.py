@@ -1,0 +1,73 @@
+"""Helpers that start real server and worker processes on localhost."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lbgm.common.config import ExperimentConfig, config_to_toml
+
+# Small, fast settings: the MLP with the reference preset (one full-shard batch per round).
+FAST = dict(model="mlp", local_steps=1, batch_size=0, local_lr=0.5, round_timeout=60.0)
+
+
+def lbgm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lbgm.cli", *args]
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    port: int
+    run_dir: Path
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def start_server(tmp_path: Path, config: ExperimentConfig) -> ServerProcess:
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(config_to_toml(config))
+    port_file = tmp_path / "port"
+    log_path = tmp_path / "server.log"
+    process = subprocess.Popen(
+        lbgm("server", "--config", str(config_path), "--port", "0", "--port-file", str(port_file),
+             "--out-dir", str(tmp_path / "runs")),
+        stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not port_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    return ServerProcess(process, int(port_file.read_text()), tmp_path / "runs" / config.name, log_path)
+
+
+def start_worker(tmp_path: Path, target: str, name: str, virtual_workers: int = 1,
+                 state_dir: Path | None = None) -> subprocess.Popen:
+    args = ["worker", "--server", target, "--name", name, "--virtual-workers", str(virtual_workers),
+            "--poll-seconds", "5", "--give-up-after", "30"]
+    if state_dir is not None:
+        args += ["--state-dir", str(state_dir)]
+    return subprocess.Popen(lbgm(*args), stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def processes():
+    """Processes a test starts; whatever is still running at the end is killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,0 +1,73 @@
+"""Tensor codec: raw little-endian bytes + dtype + shape, chunked."""
+
+import pytest
+import torch
+
+from lbgm.common.codec import (
+    CHUNK_BYTES, CodecError, TensorAssembler, split_chunks, tensor_from_bytes, tensor_meta, tensor_to_bytes,
+)
+from lbgm.v1 import lbgm_pb2 as pb
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                   torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool])
+def test_round_trip_is_bit_exact(dtype):
+    source = (torch.randn(3, 5, 7) * 100).to(dtype)
+    back = tensor_from_bytes(tensor_to_bytes(source), tensor_meta(source))
+    assert back.dtype == dtype and back.shape == source.shape
+    assert tensor_to_bytes(back) == tensor_to_bytes(source)
+
+
+def test_bytes_are_little_endian_float32():
+    assert tensor_to_bytes(torch.tensor([1.0])) == b"\x00\x00\x80\x3f"
+
+
+def test_scalar_and_empty_tensors():
+    for source in (torch.tensor(2.5), torch.empty(0, 4)):
+        back = tensor_from_bytes(tensor_to_bytes(source), tensor_meta(source))
+        assert back.shape == source.shape and torch.equal(back, source)
+
+
+def test_non_contiguous_tensor_travels_in_logical_order():
+    source = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()
+    back = tensor_from_bytes(tensor_to_bytes(source), tensor_meta(source))
+    assert torch.equal(back, source)
+
+
+def test_multi_chunk_tensor_reassembles():
+    source = torch.randn(CHUNK_BYTES // 4 * 3 + 17)  # a bit over 3 chunks of float32
+    chunks = split_chunks(tensor_to_bytes(source))
+    assert len(chunks) == 4 and all(len(c) <= CHUNK_BYTES for c in chunks)
+    assembler = TensorAssembler(tensor_meta(source), max_bytes=1 << 30)
+    for chunk in chunks:
+        assembler.add(chunk)
+    assert assembler.complete and torch.equal(assembler.tensor(), source)
+
+
+def test_wrong_byte_count_is_refused():
+    meta = pb.TensorMeta(dtype=pb.FLOAT32, shape=[2, 2], nbytes=16)
+    with pytest.raises(CodecError, match="needs 16 bytes"):
+        tensor_from_bytes(b"\x00" * 12, meta)
+
+
+def test_header_lying_about_size_is_refused():
+    meta = pb.TensorMeta(dtype=pb.FLOAT32, shape=[2, 2], nbytes=12)
+    with pytest.raises(CodecError):
+        tensor_from_bytes(b"\x00" * 16, meta)
+
+
+def test_more_bytes_than_announced_are_refused():
+    assembler = TensorAssembler(pb.TensorMeta(dtype=pb.FLOAT32, shape=[2], nbytes=8), max_bytes=100)
+    assembler.add(b"\x00" * 4)
+    with pytest.raises(CodecError, match="more arrived"):
+        assembler.add(b"\x00" * 8)
+
+
+def test_announcement_over_the_limit_is_refused():
+    with pytest.raises(CodecError, match="limit"):
+        TensorAssembler(pb.TensorMeta(dtype=pb.FLOAT32, shape=[1000], nbytes=4000), max_bytes=1000)
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(CodecError, match="unknown wire dtype"):
+        tensor_from_bytes(b"", pb.TensorMeta(dtype=pb.DTYPE_UNSPECIFIED, shape=[0], nbytes=0))
