@@ -69,6 +69,8 @@ def serve(config: ExperimentConfig, host: str, port: int, run_dir: Path, port_fi
         summary = coordinator.run()
         coordinator.wait_until_workers_told(finish_grace_seconds)
     finally:
+        log.info("shutting down the gRPC server")
         health_servicer.enter_graceful_shutdown()
         server.stop(grace=2.0).wait()
+        log.info("server stopped")
     return summary
