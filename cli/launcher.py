@@ -18,8 +18,11 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from lbgm.cli.main import UsageError, fetch_status
+from lbgm.cli.main import UsageError
 from lbgm.common.config import ExperimentConfig, config_to_toml
+from lbgm.common.grpc_options import CHANNEL_OPTIONS
+from lbgm.v1 import lbgm_pb2 as pb
+from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
 MAX_DEFAULT_PROCESSES = 10
 
@@ -106,10 +109,12 @@ def run_federation(config: ExperimentConfig, out_dir: Path, processes: int, log_
 def _follow(server: subprocess.Popen, workers: list[subprocess.Popen], target: str,
             config: ExperimentConfig) -> None:
     """Progress bar until the server exits; fails fast if every worker died."""
-    with tqdm(total=config.rounds, desc="rounds", unit="round", dynamic_ncols=True) as bar:
+    with (grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel,
+          tqdm(total=config.rounds, desc="rounds", unit="round", dynamic_ncols=True) as bar):
+        stub = pb_grpc.AggregatorStub(channel)
         while server.poll() is None:
             try:
-                status = fetch_status(target, timeout=2.0)
+                status = stub.GetStatus(pb.StatusRequest(), timeout=2.0)
             except grpc.RpcError:
                 status = None
             if status is not None:

@@ -127,13 +127,13 @@ class Coordinator:
     def submit(self, worker_id: int, update: ReceivedUpdate) -> AcceptedUpdate:
         """Accept one upload atomically, or raise UpdateRejected and change nothing but the byte counters."""
         with self._cond:
-            self._ledger.add_uplink(worker_id, update.bytes_by_kind)
-            self._totals["uplink"] += update.wire_bytes
             try:
                 accepted = self._judge(worker_id, update)
             except UpdateRejected as error:
-                self._ledger.refused[pb.ErrorDetail.Reason.Name(error.reason)] += 1
+                self._count_refusal(worker_id, error.reason, update.wire_bytes)
                 raise
+            self._ledger.add_uplink(worker_id, update.bytes_by_kind)
+            self._totals["uplink"] += update.wire_bytes
             current = self._round
             self.mirrors.replace(worker_id, accepted.new_mirrors)
             current.accepted[worker_id] = accepted
@@ -145,9 +145,13 @@ class Coordinator:
     def record_refusal(self, worker_id: int, reason: int, wire_bytes: int) -> None:
         """Count an upload refused before it reached `submit` (bad stream, bad token)."""
         with self._cond:
-            self._ledger.add_uplink(worker_id, {"refused": wire_bytes})
-            self._totals["uplink"] += wire_bytes
-            self._ledger.refused[pb.ErrorDetail.Reason.Name(reason)] += 1
+            self._count_refusal(worker_id, reason, wire_bytes)
+
+    def _count_refusal(self, worker_id: int, reason: int, wire_bytes: int) -> None:
+        """Refused bytes still crossed the wire: they count, under their own kind."""
+        self._ledger.add_uplink(worker_id, {"refused": wire_bytes})
+        self._totals["uplink"] += wire_bytes
+        self._ledger.refused[pb.ErrorDetail.Reason.Name(reason)] += 1
 
     def _judge(self, worker_id: int, update: ReceivedUpdate) -> AcceptedUpdate:
         current = self._round

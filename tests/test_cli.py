@@ -27,6 +27,16 @@ def test_lbgm_run_trains_a_federation_and_prints_a_summary(tmp_path):
     assert (tmp_path / "smoke" / "logs" / "server.log").exists()
 
 
+def test_cnn_federation_streams_multi_chunk_tensors(tmp_path):
+    # The CNN's 800x500 layer is 1.6 MB: model downloads and full uploads span two 1 MiB chunks.
+    result = run("run", "--model", "cnn", "--workers", "2", "--rounds", "2", "--local-steps", "2",
+                 "--batch-size", "16", "--name", "cnn", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "cnn" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["uplink_by_kind"]["full"] > 2 * 1_600_000
+    assert records[0]["downlink_by_kind"]["model"] > 2 * 1_700_000
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "--delta", "1.5"], "delta must lie in [0, 1]"),
     (["run", "--model", "resnet1000"], "model must be one of"),

@@ -7,6 +7,8 @@ import signal
 import threading
 from pathlib import Path
 
+import grpc
+
 from lbgm.worker.client import RetryPolicy, VirtualWorker, WorkerStopped
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,8 @@ def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_
             log.info("%s: stopped", worker.name)
         except Exception as error:  # noqa: BLE001 - one failing virtual worker must not hide the others
             failures.append(worker.name)
-            log.error("%s: %s", worker.name, error, exc_info=not isinstance(error, ConnectionError))
+            expected = isinstance(error, (ConnectionError, grpc.RpcError))  # the server's answer says it all
+            log.error("%s: %s", worker.name, error, exc_info=not expected)
 
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
