@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from lbgm.cli.main import UsageError
+from lbgm.cli.options import UsageError
 from lbgm.common.config import ExperimentConfig, config_to_toml
 from lbgm.common.grpc_options import CHANNEL_OPTIONS
 from lbgm.v1 import lbgm_pb2 as pb

@@ -4,40 +4,28 @@
   lbgm server --port 50051      the aggregator, for multi-host deployments
   lbgm worker --server H:P      one process hosting one or more virtual workers
   lbgm status --server H:P      round, workers, accuracy and bytes of a running server
+  lbgm sweep / lbgm report      grids of runs, and their plots and tables
+  lbgm analyze-gradients        how low-rank centralized training's gradients are
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import socket
 import sys
 from pathlib import Path
 
 import grpc
 
+from lbgm.cli import analyze, report, sweep
+from lbgm.cli.options import UsageError, add_log_level, configure_logging
 from lbgm.common.config import ConfigError, add_config_arguments, config_from_args
 from lbgm.common.datasets import DatasetError
 from lbgm.common.grpc_options import CHANNEL_OPTIONS
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
-log = logging.getLogger("lbgm")
-
-
-class UsageError(Exception):
-    """A user mistake: reported as one line, exit status 2, no traceback."""
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="logging verbosity (default: INFO)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker OS processes; workers are spread over them as virtual workers "
                           "(default: one process per worker, at most 10)")
     run.add_argument("--out-dir", type=Path, default=Path("runs"), help="parent folder of run folders (default: runs)")
-    _add_common(run)
+    add_log_level(run)
     add_config_arguments(run)
 
     server = commands.add_parser("server", help="run the aggregation server",
@@ -61,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default: 50051)")
     server.add_argument("--port-file", type=Path, help="write the bound port to this file once listening")
     server.add_argument("--out-dir", type=Path, default=Path("runs"), help="parent folder of run folders (default: runs)")
-    _add_common(server)
+    add_log_level(server)
     add_config_arguments(server)
 
     worker = commands.add_parser("worker", help="run one worker process (one or more virtual workers)",
@@ -80,12 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--state-dir", type=Path,
                         help="keep each virtual worker's LBGs here, so a restarted worker goes on sending scalars")
     worker.add_argument("--torch-threads", type=int, default=1, help="intra-op threads for local training (default: 1)")
-    _add_common(worker)
+    add_log_level(worker)
 
     status = commands.add_parser("status", help="show a running server's progress")
     status.add_argument("--server", required=True, help="aggregator address, HOST:PORT")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
-    _add_common(status)
+    add_log_level(status)
+    status.set_defaults(func=cmd_status)
+    run.set_defaults(func=cmd_run)
+    server.set_defaults(func=cmd_server)
+    worker.set_defaults(func=cmd_worker)
+    sweep.add_parser(commands)
+    report.add_parser(commands)
+    analyze.add_parser(commands)
     return parser
 
 
@@ -144,16 +139,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_federation(config, args.out_dir, args.processes, args.log_level)
 
 
-COMMANDS = {"run": cmd_run, "server": cmd_server, "worker": cmd_worker, "status": cmd_status}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "run":
         configure_logging(args.log_level)
     try:
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except (UsageError, ConfigError, DatasetError, OSError) as error:
         print(f"lbgm {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 import torch
 
 from lbgm.v1 import lbgm_pb2 as pb
@@ -101,31 +102,38 @@ def split_chunks(data: bytes, chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
     return [data[start:start + chunk_bytes] for start in range(0, len(data), chunk_bytes)]
 
 
-class TensorAssembler:
-    """Collects the chunks of one announced tensor.
+class PayloadAssembler:
+    """Collects the chunks of one announced payload: one or more tensors, back to back.
 
     Refuses more bytes than announced, so a hostile sender cannot make the
     receiver buffer an unbounded stream; `max_bytes` bounds the announcement.
     """
 
-    def __init__(self, meta: pb.TensorMeta, max_bytes: int) -> None:
-        if meta.nbytes > max_bytes:
-            raise CodecError(f"tensor announces {meta.nbytes} bytes, limit is {max_bytes}")
-        self.meta = meta
+    def __init__(self, metas: Sequence[pb.TensorMeta], max_bytes: int) -> None:
+        if not metas:
+            raise CodecError("a payload needs at least one tensor")
+        self.metas = list(metas)
+        self.nbytes = sum(meta.nbytes for meta in self.metas)
+        if self.nbytes > max_bytes:
+            raise CodecError(f"payload announces {self.nbytes} bytes, limit is {max_bytes}")
         self._buffer = bytearray()
 
     def add(self, data: bytes) -> None:
-        if len(self._buffer) + len(data) > self.meta.nbytes:
+        if len(self._buffer) + len(data) > self.nbytes:
             raise CodecError(
-                f"tensor announced {self.meta.nbytes} bytes but more arrived "
-                f"({len(self._buffer) + len(data)} so far)"
+                f"payload announced {self.nbytes} bytes but more arrived ({len(self._buffer) + len(data)} so far)"
             )
         self._buffer += data
 
     @property
     def complete(self) -> bool:
-        return len(self._buffer) == self.meta.nbytes
+        return len(self._buffer) == self.nbytes
 
-    def tensor(self) -> torch.Tensor:
-        return tensor_from_bytes(self._buffer, self.meta)
-
+    def tensors(self) -> list[torch.Tensor]:
+        if len(self.metas) == 1:  # the common case: no slicing copy
+            return [tensor_from_bytes(self._buffer, self.metas[0])]
+        out, start = [], 0
+        for meta in self.metas:
+            out.append(tensor_from_bytes(self._buffer[start:start + meta.nbytes], meta))
+            start += meta.nbytes
+        return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lbgm.common.compressors import COMPRESSORS, CompressorSettings
 from lbgm.common.datasets import DATASETS
 from lbgm.common.models import MODELS
 from lbgm.common.partition import PARTITIONS
@@ -57,6 +58,11 @@ class ExperimentConfig:
     server_momentum: float = _doc("server heavy-ball momentum (the reference uses 0.9)", 0.0)
     delta: float = _doc("LBGM threshold on the look-back phase error; 0 sends everything in full", 0.2)
     error_feedback: bool = _doc("carry each scalar update's residual g - rho*LBG into the next round's gradient", False)
+    compressor: str = _doc(f"base compressor under LBGM: {', '.join(COMPRESSORS)}", "none")
+    topk_fraction: float = _doc("share of each layer's values that top-k keeps", 0.1)
+    quantization_levels: int = _doc("QSGD levels per sign (1-127, int8 payload)", 127)
+    lowrank_rank: int = _doc("rank of the low-rank (PowerSGD) compressor", 2)
+    compressor_memory: bool = _doc("error feedback for the base compressor's own loss", True)
     granularity: str = _doc("one LBGM decision per 'layer' (parameter tensor) or for the whole 'model'", "layer")
     wire_dtype: str = _doc(f"dtype of full gradients on the wire: {', '.join(WIRE_DTYPES)}", "float32")
     round_timeout: float = _doc("seconds a round waits for sampled workers before closing with what arrived", 120.0)
@@ -85,8 +91,18 @@ class ExperimentConfig:
             (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
         ]
         problems = [message for ok, message in checks if not ok]
+        try:
+            self.compressor_settings
+        except ValueError as error:
+            problems.append(str(error))
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @property
+    def compressor_settings(self) -> CompressorSettings:
+        return CompressorSettings(name=self.compressor, topk_fraction=self.topk_fraction,
+                                  quantization_levels=self.quantization_levels, lowrank_rank=self.lowrank_rank,
+                                  memory=self.compressor_memory)
 
     @property
     def effective_server_lr(self) -> float:

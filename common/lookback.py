@@ -144,3 +144,15 @@ def server_sgd_step(
     else:
         new_velocity = [momentum * v + g for v, g in zip(velocity, update, strict=True)]
     return [p - lr * v for p, v in zip(params, new_velocity, strict=True)], new_velocity
+
+
+def average_buffers(buffers: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> list[torch.Tensor]:
+    """Model buffers of the participants, combined: float buffers (BatchNorm running
+    mean/var) weighted like the gradients, counters (num_batches_tracked) by maximum."""
+    combined = []
+    for parts in zip(*buffers, strict=True):
+        if parts[0].is_floating_point():
+            combined.append(sum((w * p for w, p in zip(weights, parts)), torch.zeros_like(parts[0])))
+        else:
+            combined.append(torch.stack(list(parts)).max(dim=0).values)
+    return combined

@@ -1,10 +1,15 @@
 """Split a training set among workers, deterministically for a seed.
 
-- iid: a random permutation cut into equal parts.
+- iid: a random permutation cut into equal parts (sizes differ by at most 1).
 - shards: k classes per worker, the LBGM reference scheme: class labels are
-  dealt from a stream of random permutations of all classes, and each class's
-  samples are split evenly among the workers that hold it.
-- dirichlet: per class, worker proportions drawn from Dirichlet(alpha).
+  dealt from a stream of random permutations of all classes, every worker
+  holds exactly k distinct classes, and each class's samples are split evenly
+  (sizes differing by at most 1) among the workers that hold it. With fewer
+  than C/k workers some classes are held by nobody and their samples unused.
+- dirichlet: per class, worker proportions drawn from Dirichlet(alpha); the
+  draw is repeated (up to 100 times) until no worker is empty.
+
+Shards are disjoint, sorted index tensors; the same arguments give the same shards.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 import torch
 
 PARTITIONS = ("iid", "shards", "dirichlet")
+MAX_LISTED_CLASSES = 10  # format_class_summary lists at most this many classes per worker
 
 
 def partition(
@@ -26,7 +32,11 @@ def partition(
     alpha: float = 0.5,
 ) -> list[torch.Tensor]:
     """Sample indices of each of `num_shards` disjoint shards."""
-    if num_shards < 1 or num_shards > len(labels):
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+    if scheme not in PARTITIONS:
+        raise ValueError(f"unknown partition {scheme!r}; choose one of {list(PARTITIONS)}")
+    if not 1 <= num_shards <= len(labels):
         raise ValueError(f"need 1 <= num_shards <= {len(labels)} samples, got {num_shards}")
     rng = np.random.default_rng(seed)
     label_array = labels.numpy()
@@ -34,46 +44,58 @@ def partition(
         shards = np.array_split(rng.permutation(len(label_array)), num_shards)
     elif scheme == "shards":
         shards = _label_shards(label_array, num_shards, classes_per_worker, rng)
-    elif scheme == "dirichlet":
-        shards = _dirichlet(label_array, num_shards, alpha, rng)
     else:
-        raise ValueError(f"unknown partition {scheme!r}; choose one of {list(PARTITIONS)}")
+        shards = _dirichlet(label_array, num_shards, alpha, rng)
     return [torch.as_tensor(np.sort(shard), dtype=torch.int64) for shard in shards]
+
+
+def _deal_classes(classes: np.ndarray, num_shards: int, k: int, rng: np.random.Generator) -> list[list[int]]:
+    """Each worker's k distinct classes, dealt from a stream of random permutations of all classes.
+
+    As in the reference code, each worker takes the next k entries of the stream. Where
+    that would give a worker a class twice (possible where one permutation ends and the
+    next begins), it takes instead the first later entry it does not hold, and the
+    skipped entry stays at the head of the stream for the next worker. No entry is
+    dropped, so holder counts stay as even as the reference's: the tests check that
+    any two classes are held by numbers of workers differing by at most one.
+    """
+    stream: list[int] = []
+    held: list[list[int]] = []
+    for _ in range(num_shards):
+        mine: list[int] = []
+        while len(mine) < k:
+            position = next((i for i, label in enumerate(stream) if label not in mine), None)
+            if position is None:
+                stream.extend(int(label) for label in rng.permutation(classes))
+            else:
+                mine.append(stream.pop(position))
+        held.append(sorted(mine))
+    return held
 
 
 def _label_shards(labels: np.ndarray, num_shards: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
     classes = np.unique(labels)
     if not 1 <= k <= len(classes):
-        raise ValueError(f"classes_per_worker must lie in [1, {len(classes)}], got {k}")
-    held: list[list[int]] = []
-    stream: list[int] = []
-    for _ in range(num_shards):
-        mine: list[int] = []
-        while len(mine) < k:
-            if not stream:
-                stream = list(rng.permutation(classes))
-            label = int(stream.pop(0))
-            if label not in mine:
-                mine.append(label)
-        held.append(mine)
-    pieces: dict[int, list[np.ndarray]] = {}
+        raise ValueError(f"classes_per_worker must lie in [1, {len(classes)}] (the classes present), got {k}")
+    held = _deal_classes(classes, num_shards, k, rng)
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_shards)]
     for label in classes:
         holders = [worker for worker, mine in enumerate(held) if label in mine]
+        if not holders:
+            continue  # too few workers for every class to be held: its samples stay unused
         members = rng.permutation(np.flatnonzero(labels == label))
-        pieces[int(label)] = np.array_split(members, len(holders)) if holders else []
-    cursor = {int(label): 0 for label in classes}
-    shards = []
-    for mine in held:
-        parts = []
-        for label in mine:
-            parts.append(pieces[label][cursor[label]])
-            cursor[label] += 1
-        shards.append(np.concatenate(parts))
+        for worker, piece in zip(holders, np.array_split(members, len(holders))):
+            parts[worker].append(piece)
+    shards = [np.concatenate(pieces) for pieces in parts]
+    for worker, shard in enumerate(shards):
+        if len(shard) == 0:
+            raise ValueError(f"worker {worker} got no samples: its classes {held[worker]} have fewer samples "
+                             f"than workers holding them; use fewer workers or more data")
     return shards
 
 
 def _dirichlet(labels: np.ndarray, num_shards: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
-    if alpha <= 0:
+    if not alpha > 0:  # also refuses NaN
         raise ValueError(f"dirichlet alpha must be positive, got {alpha}")
     for _ in range(100):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_shards)]
@@ -91,3 +113,36 @@ def _dirichlet(labels: np.ndarray, num_shards: int, alpha: float, rng: np.random
 def class_summary(labels: torch.Tensor, shards: Sequence[torch.Tensor], num_classes: int) -> list[list[int]]:
     """Per shard, the number of samples of each class."""
     return [torch.bincount(labels[shard], minlength=num_classes).tolist() for shard in shards]
+
+
+def format_class_summary(labels: torch.Tensor, shards: Sequence[torch.Tensor], num_classes: int) -> str:
+    """A per-worker table, one line each: index, sample count, classes held as class:count.
+
+    A worker holding more than MAX_LISTED_CLASSES classes shows its largest ones and
+    the rest as "+N more (M)". A footer gives min/median/max samples and classes per worker.
+    """
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise ValueError(f"labels reach {int(labels.max())}, but num_classes is {num_classes}")
+    counts = np.array(class_summary(labels, shards, num_classes), dtype=np.int64).reshape(len(shards), num_classes)
+    sizes = counts.sum(axis=1)
+    held = (counts > 0).sum(axis=1)
+    index_width = max(len("worker"), len(str(len(shards) - 1)))
+    size_width = max(len("samples"), len(str(int(sizes.max(initial=0)))))
+    lines = [f"{'worker':>{index_width}}  {'samples':>{size_width}}  classes (class:count)"]
+    for worker, row in enumerate(counts):
+        present = np.flatnonzero(row)
+        shown = present if len(present) <= MAX_LISTED_CLASSES else np.sort(
+            present[np.argsort(-row[present], kind="stable")[:MAX_LISTED_CLASSES]])
+        cells = [f"{c}:{row[c]}" for c in shown]
+        if len(shown) < len(present):
+            cells.append(f"+{len(present) - len(shown)} more ({int(sizes[worker] - row[shown].sum())})")
+        lines.append(f"{worker:>{index_width}}  {int(sizes[worker]):>{size_width}}  {' '.join(cells) or '-'}")
+    lines.append(f"{len(shards)} workers; samples per worker min {_stats(sizes)}; "
+                 f"classes per worker min {_stats(held)} (of {num_classes})")
+    return "\n".join(lines)
+
+
+def _stats(values: np.ndarray) -> str:
+    if len(values) == 0:
+        return "-, median -, max -"
+    return f"{int(values.min())}, median {float(np.median(values)):g}, max {int(values.max())}"

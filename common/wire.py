@@ -1,8 +1,8 @@
 """The message streams of GetTask and SubmitUpdate, built and parsed.
 
-Both directions use the same framing: a tensor's first part carries its meta
-and first chunk, TensorChunk parts carry the rest. Parsing checks structure
-only (order, completeness, duplicates, sizes); what an update means for the
+Both directions use the same framing: a payload's first part carries its
+metas and first chunk, TensorChunk parts carry the rest. Parsing checks
+structure only (order, completeness, sizes); what an update means for the
 model and the mirrors is judged by lbgm.server.updates.
 
 Byte counts are the serialized size of each stream message plus gRPC's
@@ -12,15 +12,17 @@ headers and TLS records are not included).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
-from lbgm.common.codec import CodecError, TensorAssembler, split_chunks, tensor_meta, tensor_to_bytes
+from lbgm.common.codec import CodecError, PayloadAssembler, split_chunks, tensor_meta, tensor_to_bytes
 from lbgm.v1 import lbgm_pb2 as pb
 
 GRPC_FRAME_BYTES = 5  # compressed-flag byte + 4-byte length before every message
+Part = TypeVar("Part", pb.TaskPart, pb.UpdatePart)
 
 
 class MalformedStream(ValueError):
@@ -33,7 +35,7 @@ def wire_size(message: pb.TaskPart | pb.UpdatePart) -> int:
 
 @dataclass(frozen=True)
 class EncodedTensor:
-    """A tensor turned into wire parts once, so it can be sent many times."""
+    """A tensor turned into wire bytes once, so it can be sent many times."""
 
     meta: pb.TensorMeta
     chunks: list[bytes]
@@ -43,6 +45,13 @@ class EncodedTensor:
         return cls(meta=tensor_meta(tensor), chunks=split_chunks(tensor_to_bytes(tensor)))
 
 
+def _model_tensor_parts(index: int, encoded: EncodedTensor, head: Callable[[pb.ModelTensor], Part],
+                        chunk: Callable[[pb.TensorChunk], Part]) -> Iterator[Part]:
+    yield head(pb.ModelTensor(index=index, meta=encoded.meta, data=encoded.chunks[0]))
+    for data in encoded.chunks[1:]:
+        yield chunk(pb.TensorChunk(data=data))
+
+
 # ------------------------------------------------------------------ downlink
 
 
@@ -50,15 +59,14 @@ def task_parts(task: pb.RoundTask, model: Sequence[EncodedTensor]) -> Iterator[p
     """RoundTask, then each model tensor (meta + first chunk, then the rest)."""
     yield pb.TaskPart(task=task)
     for index, encoded in enumerate(model):
-        yield pb.TaskPart(tensor=pb.ModelTensor(index=index, meta=encoded.meta, data=encoded.chunks[0]))
-        for chunk in encoded.chunks[1:]:
-            yield pb.TaskPart(chunk=pb.TensorChunk(data=chunk))
+        yield from _model_tensor_parts(index, encoded, lambda t: pb.TaskPart(tensor=t),
+                                       lambda c: pb.TaskPart(chunk=c))
 
 
 @dataclass(frozen=True)
 class ReceivedTask:
     task: pb.RoundTask
-    tensors: list[torch.Tensor]
+    tensors: list[torch.Tensor]  # parameters, then buffers
 
 
 def read_task(parts: Iterable[pb.TaskPart], max_tensor_bytes: int) -> ReceivedTask | pb.Finished | None:
@@ -74,40 +82,59 @@ def read_task(parts: Iterable[pb.TaskPart], max_tensor_bytes: int) -> ReceivedTa
         return first.finished
     if kind != "task":
         raise MalformedStream(f"task stream must start with a task, got {kind}")
-    tensors = _assemble(stream, "tensor", max_tensor_bytes, expected_count=first.task.num_tensors)
-    return ReceivedTask(task=first.task, tensors=[tensor for _, tensor in tensors])
+    reader = _PayloadReader(max_tensor_bytes)
+    tensors: list[torch.Tensor] = []
+    for part in stream:
+        kind = part.WhichOneof("part")
+        if kind == "tensor":
+            reader.start(part.tensor, [part.tensor.meta], part.tensor.data,
+                         lambda head, payload: tensors.append(payload[0]))
+        elif kind == "chunk":
+            reader.add(part.chunk.data)
+        else:
+            raise MalformedStream(f"unexpected {kind} part in a task stream")
+    reader.finish()
+    if len(tensors) != first.task.num_tensors:
+        raise MalformedStream(f"task announced {first.task.num_tensors} tensors, got {len(tensors)}")
+    return ReceivedTask(task=first.task, tensors=tensors)
 
 
-def _assemble(
-    stream: Iterator[pb.TaskPart], head_kind: str, max_tensor_bytes: int, expected_count: int
-) -> list[tuple[pb.ModelTensor, torch.Tensor]]:
-    out: list[tuple[pb.ModelTensor, torch.Tensor]] = []
-    assembler: TensorAssembler | None = None
-    head = None
-    try:
-        for part in stream:
-            kind = part.WhichOneof("part")
-            if kind == head_kind:
-                if assembler is not None and not assembler.complete:
-                    raise MalformedStream(f"tensor {head.index} ended after fewer bytes than announced")
-                if assembler is not None:
-                    out.append((head, assembler.tensor()))
-                head = getattr(part, kind)
-                assembler = TensorAssembler(head.meta, max_tensor_bytes)
-                assembler.add(head.data)
-            elif kind == "chunk" and assembler is not None:
-                assembler.add(part.chunk.data)
-            else:
-                raise MalformedStream(f"unexpected {kind} part in a task stream")
-        if assembler is not None:
-            if not assembler.complete:
-                raise MalformedStream(f"stream ended inside tensor {head.index}")
-            out.append((head, assembler.tensor()))
-    except CodecError as error:
-        raise MalformedStream(str(error)) from error
-    if len(out) != expected_count or [h.index for h, _ in out] != list(range(expected_count)):
-        raise MalformedStream(f"task announced {expected_count} tensors, got indices {[h.index for h, _ in out]}")
-    return out
+class _PayloadReader:
+    """Assembles one chunked payload at a time and hands it to a callback when complete."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._pending: tuple[object, PayloadAssembler, Callable] | None = None
+
+    def start(self, head: object, metas: Sequence[pb.TensorMeta], data: bytes,
+              done: Callable[[object, list[torch.Tensor]], None]) -> None:
+        self.finish()
+        try:
+            assembler = PayloadAssembler(metas, self.max_bytes)
+            assembler.add(data)
+        except CodecError as error:
+            raise MalformedStream(str(error)) from error
+        self._pending = (head, assembler, done)
+
+    def add(self, data: bytes) -> None:
+        if self._pending is None:
+            raise MalformedStream("unexpected chunk: no payload was announced")
+        try:
+            self._pending[1].add(data)
+        except CodecError as error:
+            raise MalformedStream(str(error)) from error
+
+    def finish(self) -> None:
+        if self._pending is None:
+            return
+        head, assembler, done = self._pending
+        self._pending = None
+        if not assembler.complete:
+            raise MalformedStream(f"a payload announced {assembler.nbytes} bytes but its data ended early")
+        try:
+            done(head, assembler.tensors())
+        except CodecError as error:
+            raise MalformedStream(str(error)) from error
 
 
 # ------------------------------------------------------------------ uplink
@@ -117,7 +144,12 @@ def _assemble(
 class FullLayer:
     layer: int
     lbg_version: int
-    tensor: torch.Tensor  # already in the wire dtype: exactly what the LBG becomes
+    codec: int  # pb.Codec
+    parts: tuple[torch.Tensor, ...]  # the payload exactly as it travels
+
+    @classmethod
+    def dense(cls, layer: int, lbg_version: int, tensor: torch.Tensor) -> FullLayer:
+        return cls(layer, lbg_version, pb.DENSE, (tensor,))
 
 
 @dataclass(frozen=True)
@@ -128,25 +160,25 @@ class ScalarEntry:
 
 
 def update_parts(
-    header: pb.UpdateHeader, full: Sequence[FullLayer], scalars: Sequence[ScalarEntry]
+    header: pb.UpdateHeader, full: Sequence[FullLayer], scalars: Sequence[ScalarEntry],
+    buffers: Sequence[torch.Tensor] = (),
 ) -> Iterator[pb.UpdatePart]:
-    """UpdateHeader, every full layer in chunks, then one packed ScalarUpdate."""
+    """UpdateHeader, every full layer in chunks, one packed ScalarUpdate, then model buffers."""
     yield pb.UpdatePart(header=header)
     for item in full:
-        encoded = EncodedTensor.of(item.tensor)
-        yield pb.UpdatePart(
-            full=pb.FullGradient(layer=item.layer, lbg_version=item.lbg_version, meta=encoded.meta, data=encoded.chunks[0])
-        )
-        for chunk in encoded.chunks[1:]:
+        chunks = split_chunks(b"".join(tensor_to_bytes(part) for part in item.parts))
+        yield pb.UpdatePart(full=pb.FullGradient(
+            layer=item.layer, lbg_version=item.lbg_version, codec=item.codec,
+            parts=[tensor_meta(part) for part in item.parts], data=chunks[0]))
+        for chunk in chunks[1:]:
             yield pb.UpdatePart(chunk=pb.TensorChunk(data=chunk))
     if scalars:
-        yield pb.UpdatePart(
-            scalars=pb.ScalarUpdate(
-                units=[s.unit for s in scalars],
-                rhos=[s.rho for s in scalars],
-                lbg_versions=[s.lbg_version for s in scalars],
-            )
-        )
+        yield pb.UpdatePart(scalars=pb.ScalarUpdate(
+            units=[s.unit for s in scalars], rhos=[s.rho for s in scalars],
+            lbg_versions=[s.lbg_version for s in scalars]))
+    for index, buffer in enumerate(buffers):
+        yield from _model_tensor_parts(index, EncodedTensor.of(buffer), lambda t: pb.UpdatePart(buffer=t),
+                                       lambda c: pb.UpdatePart(chunk=c))
 
 
 @dataclass
@@ -156,6 +188,7 @@ class ReceivedUpdate:
     header: pb.UpdateHeader
     full: list[FullLayer] = field(default_factory=list)
     scalars: list[ScalarEntry] = field(default_factory=list)
+    buffers: dict[int, torch.Tensor] = field(default_factory=dict)
     bytes_by_kind: dict[str, int] = field(default_factory=lambda: {"header": 0, "full": 0, "scalar": 0})
 
     @property
@@ -175,41 +208,36 @@ def read_update_header(stream: Iterator[pb.UpdatePart]) -> ReceivedUpdate:
 
 
 def read_update_body(update: ReceivedUpdate, stream: Iterator[pb.UpdatePart], max_tensor_bytes: int) -> ReceivedUpdate:
-    """Reads full layers and the scalar part after the header into `update`."""
-    pending: tuple[pb.FullGradient, TensorAssembler] | None = None
+    """Reads full layers, the scalar part and buffers after the header into `update`."""
+    reader = _PayloadReader(max_tensor_bytes)
+    current_kind = "full"
 
-    def finish_pending() -> None:
-        if pending is None:
-            return
-        head, assembler = pending
-        if not assembler.complete:
-            raise MalformedStream(
-                f"layer {head.layer} announced {head.meta.nbytes} bytes but its data ended early"
-            )
-        update.full.append(FullLayer(layer=head.layer, lbg_version=head.lbg_version, tensor=assembler.tensor()))
+    def add_full(head: pb.FullGradient, payload: list[torch.Tensor]) -> None:
+        update.full.append(FullLayer(head.layer, head.lbg_version, head.codec, tuple(payload)))
 
-    try:
-        for part in stream:
-            kind = part.WhichOneof("part")
-            size = wire_size(part)
-            if kind == "full":
-                finish_pending()
-                pending = (part.full, TensorAssembler(part.full.meta, max_tensor_bytes))
-                pending[1].add(part.full.data)
-                update.bytes_by_kind["full"] += size
-            elif kind == "chunk" and pending is not None:
-                pending[1].add(part.chunk.data)
-                update.bytes_by_kind["full"] += size
-            elif kind == "scalars" and not update.scalars:
-                finish_pending()
-                pending = None
-                update.scalars = _scalar_entries(part.scalars)
-                update.bytes_by_kind["scalar"] += size
-            else:
-                raise MalformedStream(f"unexpected {kind} part in an update stream")
-        finish_pending()
-    except CodecError as error:
-        raise MalformedStream(str(error)) from error
+    def add_buffer(head: pb.ModelTensor, payload: list[torch.Tensor]) -> None:
+        if head.index in update.buffers:
+            raise MalformedStream(f"buffer {head.index} sent twice")
+        update.buffers[head.index] = payload[0]
+
+    for part in stream:
+        kind = part.WhichOneof("part")
+        if kind == "full":
+            current_kind = "full"
+            reader.start(part.full, part.full.parts, part.full.data, add_full)
+        elif kind == "buffer":
+            current_kind = "buffer"
+            reader.start(part.buffer, [part.buffer.meta], part.buffer.data, add_buffer)
+        elif kind == "chunk":  # continues the payload being read, and counts as its kind
+            reader.add(part.chunk.data)
+        elif kind == "scalars" and not update.scalars:
+            reader.finish()
+            current_kind = "scalar"
+            update.scalars = _scalar_entries(part.scalars)
+        else:
+            raise MalformedStream(f"unexpected {kind} part in an update stream")
+        update.bytes_by_kind[current_kind] = update.bytes_by_kind.get(current_kind, 0) + wire_size(part)
+    reader.finish()
     return update
 
 

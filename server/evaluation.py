@@ -11,9 +11,12 @@ from torch.nn import functional as F
 from lbgm.common.datasets import ImageDataset
 
 
-def load_parameters(model: nn.Module, params: Sequence[torch.Tensor]) -> None:
+def load_state(model: nn.Module, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor] = ()) -> None:
+    """Copy parameters (and buffers, e.g. BatchNorm statistics) into the model."""
     with torch.no_grad():
         for target, source in zip(model.parameters(), params, strict=True):
+            target.copy_(source)
+        for target, source in zip(model.buffers(), buffers, strict=True):
             target.copy_(source)
 
 

@@ -24,15 +24,18 @@ import torch
 
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.datasets import load_dataset
-from lbgm.common.lookback import aggregation_weights, decision_units, server_sgd_step, weighted_sum
+from lbgm.common.compressors import CODEC_OF, zero_payload
+from lbgm.common.lookback import (
+    aggregation_weights, average_buffers, decision_units, server_sgd_step, weighted_sum,
+)
 from lbgm.common.models import build_model, model_fingerprint
 from lbgm.common.state_files import lbgs_to_state, save_atomic
 from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_parts, wire_size
 from lbgm.server.accounting import RoundLedger, RunRecorder
-from lbgm.server.evaluation import evaluate, load_parameters
+from lbgm.server.evaluation import evaluate, load_state
 from lbgm.server.mirrors import MirrorStore
 from lbgm.server.registry import Registry, WorkerRecord
-from lbgm.server.updates import AcceptedUpdate, UpdateRejected, judge_update
+from lbgm.server.updates import AcceptedUpdate, UpdateRejected, UploadRules, judge_update
 from lbgm.v1 import lbgm_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -59,17 +62,31 @@ class OpenRound:
     equivalent_bytes: int = 0  # what the accepted uploads would have cost with delta = 0
 
 
+def upload_rules(config: ExperimentConfig, model: torch.nn.Module) -> UploadRules:
+    """What every upload of this run must look like."""
+    return UploadRules(
+        layer_shapes=tuple(tuple(p.shape) for p in model.parameters()),
+        units=tuple(decision_units(len(list(model.parameters())), config.granularity)),
+        dense_dtype=WIRE_DTYPES[config.wire_dtype],
+        codec=CODEC_OF[config.compressor],
+        buffer_specs=tuple((tuple(b.shape), b.dtype) for b in model.buffers()),
+    )
+
+
 class Coordinator:
     def __init__(self, config: ExperimentConfig, run_dir: Path) -> None:
         self.config = config
-        self.model = build_model(config.model, config.seed)
+        self.test_set = load_dataset(config.dataset, "test", Path(config.data_dir) if config.data_dir else None)
+        self.model = build_model(config.model, config.seed, tuple(self.test_set.images.shape[1:]),
+                                 self.test_set.num_classes)
         self.params = [p.detach().clone() for p in self.model.parameters()]
+        self.buffers = [b.detach().clone() for b in self.model.buffers()]
         self.layer_shapes = [tuple(p.shape) for p in self.params]
         self.units = decision_units(len(self.params), config.granularity)
         self.fingerprint = model_fingerprint(self.model)
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self.velocity: list[torch.Tensor] | None = None
-        self.test_set = load_dataset(config.dataset, "test", Path(config.data_dir) if config.data_dir else None)
+        self.rules = upload_rules(config, self.model)
         self.registry = Registry(config.workers)
         self.mirrors = MirrorStore()
         self.recorder = RunRecorder(run_dir)
@@ -137,7 +154,8 @@ class Coordinator:
             current = self._round
             self.mirrors.replace(worker_id, accepted.new_mirrors)
             current.accepted[worker_id] = accepted
-            current.equivalent_bytes += update.bytes_by_kind["header"] + self._all_full_bytes(current.number)
+            current.equivalent_bytes += (update.bytes_by_kind["header"] + update.bytes_by_kind.get("buffer", 0)
+                                         + self._all_full_bytes(current.number))
             if current.sampled <= current.accepted.keys():
                 self._cond.notify_all()
             return accepted
@@ -163,17 +181,14 @@ class Coordinator:
             raise UpdateRejected(pb.ErrorDetail.NOT_SAMPLED, f"worker {worker_id} was not sampled in round {claimed}")
         if worker_id in current.accepted:
             raise UpdateRejected(pb.ErrorDetail.DUPLICATE, f"worker {worker_id} already submitted round {claimed}")
-        return judge_update(
-            update, current.number, self.layer_shapes, self.units, self.mirrors.of_worker(worker_id),
-            allowed_dtypes=frozenset({self.wire_dtype}),
-        )
+        return judge_update(update, current.number, self.rules, self.mirrors.of_worker(worker_id))
 
     def _all_full_bytes(self, round_number: int) -> int:
         """Serialized size of every layer sent in full (the delta = 0 upload), header excluded."""
         key = max(1, (round_number.bit_length() + 6) // 7)  # sizes depend only on the version's varint length
         if key not in self._full_parts_bytes:
             layers = [
-                FullLayer(layer=i, lbg_version=round_number, tensor=torch.zeros(shape, dtype=self.wire_dtype))
+                FullLayer(i, round_number, *zero_payload(self.config.compressor_settings, shape, self.wire_dtype))
                 for i, shape in enumerate(self.layer_shapes)
             ]
             parts = update_parts(pb.UpdateHeader(), layers, [])
@@ -214,9 +229,9 @@ class Coordinator:
         return summary
 
     def _save_final_state(self) -> None:
-        """final_model.pt (parameters) and mirrors.pt (every worker's LBGs, by worker name)."""
+        """final_model.pt (parameters and buffers) and mirrors.pt (every worker's LBGs, by worker name)."""
         run_dir = self.recorder.run_dir
-        save_atomic(run_dir / "final_model.pt", self.params)
+        save_atomic(run_dir / "final_model.pt", {"params": self.params, "buffers": self.buffers})
         names = {worker_id: self.registry.name_of(worker_id) for worker_id in self.registry.ids()}
         save_atomic(run_dir / "mirrors.pt",
                     {names[w]: lbgs_to_state(self.mirrors.of_worker(w)) for w in names})
@@ -243,10 +258,13 @@ class Coordinator:
         settings = pb.TrainSettings(
             local_steps=c.local_steps, batch_size=c.batch_size, local_lr=c.local_lr, delta=c.delta,
             wire_dtype=pb.DType.Value(c.wire_dtype.upper()), error_feedback=c.error_feedback,
+            codec=self.rules.codec, topk_fraction=c.topk_fraction, quantization_levels=c.quantization_levels,
+            lowrank_rank=c.lowrank_rank, compressor_memory=c.compressor_memory,
         )
-        task = pb.RoundTask(round=number, total_rounds=c.rounds, settings=settings, num_tensors=len(self.params),
+        task = pb.RoundTask(round=number, total_rounds=c.rounds, settings=settings,
+                            num_tensors=len(self.params) + len(self.buffers),
                             seconds_to_deadline=c.round_timeout)
-        snapshot = RoundTaskSnapshot(task=task, model=[EncodedTensor.of(p) for p in self.params])
+        snapshot = RoundTaskSnapshot(task=task, model=[EncodedTensor.of(t) for t in (*self.params, *self.buffers)])
         started = time.monotonic()
         with self._cond:
             self._round = OpenRound(number, sampled, started + c.round_timeout, snapshot, started)
@@ -262,11 +280,13 @@ class Coordinator:
             aggregated = weighted_sum([u.gradient for u in updates], weights)
             self.params, self.velocity = server_sgd_step(
                 self.params, aggregated, self.velocity, c.effective_server_lr, c.server_momentum)
+            if self.buffers:
+                self.buffers = average_buffers([u.buffers for u in updates], weights)
             train_loss = float(sum(w * u.train_loss for w, u in zip(weights, updates)))
         else:
             log.warning("round %d: no update arrived before the deadline; model unchanged", number)
             train_loss = math.nan
-        load_parameters(self.model, self.params)
+        load_state(self.model, self.params, self.buffers)
         accuracy, loss = evaluate(self.model, self.test_set, c.eval_batch_size)
         with self._cond:
             self._completed = number

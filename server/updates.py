@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lbgm.common.compressors import PayloadError, decode
 from lbgm.common.lookback import LookbackGradient, Unit, rebuild
 from lbgm.common.wire import ReceivedUpdate
 from lbgm.v1 import lbgm_pb2 as pb
@@ -28,23 +29,75 @@ class UpdateRejected(Exception):
 
 
 @dataclass(frozen=True)
+class UploadRules:
+    """What the server expects of every upload in this run."""
+
+    layer_shapes: tuple[tuple[int, ...], ...]
+    units: tuple[Unit, ...]
+    dense_dtype: torch.dtype  # dtype of DENSE payloads (the run's wire dtype)
+    codec: int  # the run's base compressor; DENSE is always accepted too
+    buffer_specs: tuple[tuple[tuple[int, ...], torch.dtype], ...] = ()  # model buffers to average
+
+
+@dataclass(frozen=True)
 class AcceptedUpdate:
-    gradient: list[torch.Tensor]  # float32, one per layer: full or rho * LBG
+    gradient: list[torch.Tensor]  # float32, one per layer: decoded full payload or rho * LBG
     new_mirrors: dict[int, LookbackGradient]
+    buffers: list[torch.Tensor]
     num_samples: int
     train_loss: float
     full_units: int
     scalar_units: int
-    floats_uploaded: int
+    floats_uploaded: int  # payload elements plus one per scalar (the paper's "parameters shared")
+
+
+def _decoded_full_layers(update: ReceivedUpdate, round_number: int, rules: UploadRules) -> dict[int, torch.Tensor]:
+    malformed = pb.ErrorDetail.MALFORMED
+    decoded = {}
+    for item in update.full:
+        if not 0 <= item.layer < len(rules.layer_shapes):
+            raise UpdateRejected(malformed, f"layer {item.layer} out of range [0, {len(rules.layer_shapes)})")
+        if item.layer in decoded:
+            raise UpdateRejected(malformed, f"layer {item.layer} sent twice")
+        if item.lbg_version != round_number:
+            raise UpdateRejected(malformed, f"layer {item.layer} carries LBG version {item.lbg_version}, "
+                                            f"expected the round {round_number}")
+        if item.codec not in (pb.DENSE, rules.codec):
+            raise UpdateRejected(malformed, f"layer {item.layer} uses codec {pb.Codec.Name(item.codec)}, this run "
+                                            f"accepts {pb.Codec.Name(rules.codec)} or DENSE")
+        if item.codec == pb.DENSE and item.parts and item.parts[0].dtype != rules.dense_dtype:
+            raise UpdateRejected(malformed, f"layer {item.layer} has dtype {item.parts[0].dtype}, "
+                                            f"expected {rules.dense_dtype}")
+        try:
+            tensor = decode(item.codec, item.parts, rules.layer_shapes[item.layer])
+        except PayloadError as error:
+            raise UpdateRejected(malformed, f"layer {item.layer}: {error}") from None
+        if not bool(torch.isfinite(tensor).all()):
+            raise UpdateRejected(malformed, f"layer {item.layer} contains NaN or Inf")
+        decoded[item.layer] = tensor
+    return decoded
+
+
+def _checked_buffers(update: ReceivedUpdate, rules: UploadRules) -> list[torch.Tensor]:
+    malformed = pb.ErrorDetail.MALFORMED
+    if sorted(update.buffers) != list(range(len(rules.buffer_specs))):
+        raise UpdateRejected(malformed, f"expected model buffers 0..{len(rules.buffer_specs) - 1}, "
+                                        f"got {sorted(update.buffers)}")
+    for index, (shape, dtype) in enumerate(rules.buffer_specs):
+        buffer = update.buffers[index]
+        if tuple(buffer.shape) != shape or buffer.dtype != dtype:
+            raise UpdateRejected(malformed, f"buffer {index} is {buffer.dtype}{list(buffer.shape)}, "
+                                            f"expected {dtype}{list(shape)}")
+        if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()):
+            raise UpdateRejected(malformed, f"buffer {index} contains NaN or Inf")
+    return [update.buffers[index] for index in range(len(rules.buffer_specs))]
 
 
 def judge_update(
     update: ReceivedUpdate,
     round_number: int,
-    layer_shapes: Sequence[tuple[int, ...]],
-    units: Sequence[Unit],
+    rules: UploadRules,
     mirrors: dict[int, LookbackGradient],
-    allowed_dtypes: frozenset[torch.dtype],
 ) -> AcceptedUpdate:
     """Check every rule of the protocol; rebuild the gradient if all hold."""
     malformed = pb.ErrorDetail.MALFORMED
@@ -52,24 +105,10 @@ def judge_update(
         raise UpdateRejected(malformed, "num_samples must be positive")
     if not math.isfinite(update.header.train_loss):
         raise UpdateRejected(malformed, f"train_loss is not finite: {update.header.train_loss}")
-
-    full_by_layer = {}
-    for item in update.full:
-        if not 0 <= item.layer < len(layer_shapes):
-            raise UpdateRejected(malformed, f"layer {item.layer} out of range [0, {len(layer_shapes)})")
-        if item.layer in full_by_layer:
-            raise UpdateRejected(malformed, f"layer {item.layer} sent twice")
-        if tuple(item.tensor.shape) != tuple(layer_shapes[item.layer]):
-            raise UpdateRejected(
-                malformed, f"layer {item.layer} has shape {list(item.tensor.shape)}, expected {list(layer_shapes[item.layer])}"
-            )
-        if item.tensor.dtype not in allowed_dtypes:
-            raise UpdateRejected(malformed, f"layer {item.layer} has dtype {item.tensor.dtype}, expected one of {sorted(map(str, allowed_dtypes))}")
-        if item.lbg_version != round_number:
-            raise UpdateRejected(malformed, f"layer {item.layer} carries LBG version {item.lbg_version}, expected the round {round_number}")
-        if not bool(torch.isfinite(item.tensor).all()):
-            raise UpdateRejected(malformed, f"layer {item.layer} contains NaN or Inf")
-        full_by_layer[item.layer] = item.tensor
+    full_by_layer = _decoded_full_layers(update, round_number, rules)
+    payload_sizes = {item.layer: sum(part.numel() for part in item.parts) for item in update.full}
+    buffers = _checked_buffers(update, rules)
+    units = rules.units
 
     scalar_by_unit = {}
     for entry in update.scalars:
@@ -81,7 +120,7 @@ def judge_update(
             raise UpdateRejected(malformed, f"rho for unit {entry.unit} is not finite: {entry.rho}")
         scalar_by_unit[entry.unit] = entry
 
-    gradient: list[torch.Tensor | None] = [None] * len(layer_shapes)
+    gradient: list[torch.Tensor | None] = [None] * len(rules.layer_shapes)
     new_mirrors: dict[int, LookbackGradient] = {}
     stale: list[int] = []
     floats = 0
@@ -93,7 +132,7 @@ def judge_update(
             new_mirrors[unit_index] = LookbackGradient(tensors=tensors, version=round_number)
             for layer, tensor in zip(unit, tensors):
                 gradient[layer] = tensor.to(torch.float32)
-                floats += tensor.numel()
+                floats += payload_sizes[layer]
         elif not any(sent_full) and scalar is not None:
             mirror = mirrors.get(unit_index)
             if mirror is None or mirror.version != scalar.lbg_version:
@@ -118,6 +157,7 @@ def judge_update(
     return AcceptedUpdate(
         gradient=[g for g in gradient if g is not None],
         new_mirrors=new_mirrors,
+        buffers=buffers,
         num_samples=int(update.header.num_samples),
         train_loss=float(update.header.train_loss),
         full_units=len(new_mirrors),

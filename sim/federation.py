@@ -17,13 +17,13 @@ import torch
 
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.datasets import load_dataset
-from lbgm.common.lookback import aggregation_weights, decision_units, server_sgd_step, weighted_sum
+from lbgm.common.lookback import aggregation_weights, average_buffers, server_sgd_step, weighted_sum
 from lbgm.common.models import build_model
 from lbgm.common.partition import partition
 from lbgm.common.wire import ReceivedUpdate
-from lbgm.server.evaluation import evaluate, load_parameters
+from lbgm.server.evaluation import evaluate, load_state
 from lbgm.server.mirrors import MirrorStore
-from lbgm.server.rounds import WIRE_DTYPES
+from lbgm.server.rounds import WIRE_DTYPES, upload_rules
 from lbgm.server.updates import judge_update
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.worker.encoder import LbgmEncoder
@@ -40,6 +40,7 @@ class SimulatedWorker:
 @dataclass
 class SimulationResult:
     params: list[torch.Tensor]
+    buffers: list[torch.Tensor]
     mirrors: MirrorStore
     workers: dict[int, SimulatedWorker]
     rounds: list[dict] = field(default_factory=list)
@@ -51,22 +52,23 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
     test = load_dataset(config.dataset, "test", data_dir)
     shards = partition(train.labels, config.workers, config.partition, config.seed,
                        classes_per_worker=config.classes_per_worker, alpha=config.dirichlet_alpha)
-    model = build_model(config.model, config.seed)
+    shape = tuple(train.images.shape[1:])
+    model = build_model(config.model, config.seed, shape, train.num_classes)
     params = [p.detach().clone() for p in model.parameters()]
-    shapes = [tuple(p.shape) for p in params]
-    units = decision_units(len(params), config.granularity)
+    buffers = [b.detach().clone() for b in model.buffers()]
+    rules = upload_rules(config, model)
     wire_dtype = WIRE_DTYPES[config.wire_dtype]
     workers = {
         shard + 1: SimulatedWorker(
             worker_id=shard + 1,
-            trainer=LocalTrainer(build_model(config.model, config.seed), train.images[idx], train.labels[idx],
-                                 seed=local_seed(config.seed, shard)),
-            encoder=LbgmEncoder(units),
+            trainer=LocalTrainer(build_model(config.model, config.seed, shape, train.num_classes),
+                                 train.images[idx], train.labels[idx], seed=local_seed(config.seed, shard)),
+            encoder=LbgmEncoder(rules.units, config.compressor_settings, seed=local_seed(config.seed, shard)),
         )
         for shard, idx in enumerate(shards)
     }
     mirrors = MirrorStore()
-    result = SimulationResult(params=params, mirrors=mirrors, workers=workers)
+    result = SimulationResult(params=params, buffers=buffers, mirrors=mirrors, workers=workers)
     velocity = None
     rng = np.random.default_rng(config.seed)
     ids = sorted(workers)
@@ -76,15 +78,15 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
         accepted = []
         for worker_id in sampled:
             worker = workers[worker_id]
-            gradient, loss = worker.trainer.train(result.params, config.local_steps, config.batch_size, config.local_lr)
+            gradient, loss = worker.trainer.train([*result.params, *result.buffers], config.local_steps,
+                                                  config.batch_size, config.local_lr)
             encoded = worker.encoder.encode(gradient, number, config.delta, wire_dtype,
                                             error_feedback=config.error_feedback)
             update = ReceivedUpdate(
                 header=pb.UpdateHeader(worker_id=worker_id, round=number, num_samples=worker.trainer.num_samples,
                                        train_loss=loss),
-                full=encoded.full, scalars=encoded.scalars)
-            verdict = judge_update(update, number, shapes, units, mirrors.of_worker(worker_id),
-                                   allowed_dtypes=frozenset({wire_dtype}))
+                full=encoded.full, scalars=encoded.scalars, buffers=dict(enumerate(worker.trainer.buffers())))
+            verdict = judge_update(update, number, rules, mirrors.of_worker(worker_id))
             mirrors.replace(worker_id, verdict.new_mirrors)
             worker.encoder.commit(encoded)
             accepted.append(verdict)
@@ -92,6 +94,8 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
         aggregated = weighted_sum([a.gradient for a in accepted], weights)
         result.params, velocity = server_sgd_step(result.params, aggregated, velocity,
                                                   config.effective_server_lr, config.server_momentum)
+        if result.buffers:
+            result.buffers = average_buffers([a.buffers for a in accepted], weights)
         record = {
             "round": number,
             "full_units": sum(a.full_units for a in accepted),
@@ -100,7 +104,7 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
             "full_equivalent_floats": len(accepted) * sum(p.numel() for p in params),
         }
         if evaluate_every_round or number == config.rounds:
-            load_parameters(model, result.params)
+            load_state(model, result.params, result.buffers)
             record["test_accuracy"], record["test_loss"] = evaluate(model, test, config.eval_batch_size)
         result.rounds.append(record)
     return result

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lbgm.common.codec import (
-    CHUNK_BYTES, CodecError, TensorAssembler, split_chunks, tensor_from_bytes, tensor_meta, tensor_to_bytes,
+    CHUNK_BYTES, CodecError, PayloadAssembler, split_chunks, tensor_from_bytes, tensor_meta, tensor_to_bytes,
 )
 from lbgm.v1 import lbgm_pb2 as pb
 
@@ -38,10 +38,18 @@ def test_multi_chunk_tensor_reassembles():
     source = torch.randn(CHUNK_BYTES // 4 * 3 + 17)  # a bit over 3 chunks of float32
     chunks = split_chunks(tensor_to_bytes(source))
     assert len(chunks) == 4 and all(len(c) <= CHUNK_BYTES for c in chunks)
-    assembler = TensorAssembler(tensor_meta(source), max_bytes=1 << 30)
+    assembler = PayloadAssembler([tensor_meta(source)], max_bytes=1 << 30)
     for chunk in chunks:
         assembler.add(chunk)
-    assert assembler.complete and torch.equal(assembler.tensor(), source)
+    assert assembler.complete and torch.equal(assembler.tensors()[0], source)
+
+
+def test_payload_of_several_tensors_splits_back_in_order():
+    parts = [torch.arange(5, dtype=torch.int32), torch.randn(5), torch.tensor([7], dtype=torch.uint8)]
+    assembler = PayloadAssembler([tensor_meta(p) for p in parts], max_bytes=1 << 20)
+    for chunk in split_chunks(b"".join(tensor_to_bytes(p) for p in parts), chunk_bytes=7):
+        assembler.add(chunk)
+    assert all(torch.equal(a, b) for a, b in zip(assembler.tensors(), parts))
 
 
 def test_wrong_byte_count_is_refused():
@@ -57,7 +65,7 @@ def test_header_lying_about_size_is_refused():
 
 
 def test_more_bytes_than_announced_are_refused():
-    assembler = TensorAssembler(pb.TensorMeta(dtype=pb.FLOAT32, shape=[2], nbytes=8), max_bytes=100)
+    assembler = PayloadAssembler([pb.TensorMeta(dtype=pb.FLOAT32, shape=[2], nbytes=8)], max_bytes=100)
     assembler.add(b"\x00" * 4)
     with pytest.raises(CodecError, match="more arrived"):
         assembler.add(b"\x00" * 8)
@@ -65,7 +73,7 @@ def test_more_bytes_than_announced_are_refused():
 
 def test_announcement_over_the_limit_is_refused():
     with pytest.raises(CodecError, match="limit"):
-        TensorAssembler(pb.TensorMeta(dtype=pb.FLOAT32, shape=[1000], nbytes=4000), max_bytes=1000)
+        PayloadAssembler([pb.TensorMeta(dtype=pb.FLOAT32, shape=[1000], nbytes=4000)], max_bytes=1000)
 
 
 def test_unknown_dtype_is_refused():

@@ -83,6 +83,6 @@ def test_distributed_model_matches_in_process_simulation(finished_run):
     server, records, _ = finished_run
     reference = simulate(CONFIG)
     final = load(server.run_dir / "final_model.pt")
-    for distributed, simulated in zip(final, reference.params, strict=True):
+    for distributed, simulated in zip(final["params"], reference.params, strict=True):
         assert torch.allclose(distributed, simulated, atol=1e-6)
     assert [r["scalar_units"] for r in records] == [r["scalar_units"] for r in reference.rounds]

@@ -10,13 +10,13 @@ from lbgm.common.lookback import LookbackGradient, decision_units
 from lbgm.common.wire import (
     FullLayer, MalformedStream, ReceivedUpdate, ScalarEntry, read_update_body, read_update_header, update_parts,
 )
-from lbgm.server.updates import UpdateRejected, judge_update
+from lbgm.server.updates import UpdateRejected, UploadRules, judge_update
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.worker.encoder import LbgmEncoder
 
-SHAPES = [(4, 3), (4,)]
-UNITS = decision_units(2, "layer")
-F32 = frozenset({torch.float32})
+SHAPES = ((4, 3), (4,))
+UNITS = tuple(decision_units(2, "layer"))
+RULES = UploadRules(layer_shapes=SHAPES, units=UNITS, dense_dtype=torch.float32, codec=pb.DENSE)
 
 
 def header(round_number=1, **fields):
@@ -34,8 +34,8 @@ def gradient(scale=1.0):
     return [torch.randn(shape) * scale for shape in SHAPES]
 
 
-def judge(update, mirrors=None, round_number=1):
-    return judge_update(update, round_number, SHAPES, UNITS, mirrors or {}, F32)
+def judge(update, mirrors=None, round_number=1, rules=RULES):
+    return judge_update(update, round_number, rules, mirrors or {})
 
 
 def test_first_round_goes_full_and_mirror_equals_worker_lbg_bit_for_bit():
@@ -68,24 +68,25 @@ def test_parallel_gradient_goes_as_scalars_and_is_rebuilt():
 def test_float16_wire_keeps_lbg_in_travelled_precision():
     encoder = LbgmEncoder(UNITS)
     encoded = encoder.encode(gradient(), 1, 0.5, torch.float16)
-    accepted = judge_update(through_the_wire(header(), encoded.full, encoded.scalars), 1, SHAPES, UNITS, {},
-                            frozenset({torch.float16}))
+    rules = UploadRules(layer_shapes=SHAPES, units=UNITS, dense_dtype=torch.float16, codec=pb.DENSE)
+    accepted = judge(through_the_wire(header(), encoded.full, encoded.scalars), rules=rules)
     encoder.commit(encoded)
     assert accepted.new_mirrors[0].tensors[0].dtype == torch.float16
     assert torch.equal(accepted.new_mirrors[0].tensors[0], encoder.lbgs[0].tensors[0])
 
 
-def test_error_feedback_residual_is_what_the_server_did_not_see():
+def test_error_feedback_memory_is_what_the_server_did_not_see():
     encoder = LbgmEncoder(UNITS)
     encoder.commit(encoder.encode(gradient(), 1, 0.9, torch.float32, error_feedback=True))
-    assert all(torch.count_nonzero(r[0]) == 0 for r in encoder.residuals.values())
+    assert all(torch.count_nonzero(memory) == 0 for memory in encoder.memory.values())
     noisy = [g * 2 + 0.1 for g in gradient()]
     encoded = encoder.encode(noisy, 2, 0.9, torch.float32, error_feedback=True)
     encoder.commit(encoded)
+    assert encoded.scalars
     for entry in encoded.scalars:
-        unit = entry.unit
-        server_view = encoder.lbgs[unit].tensors[0] * entry.rho
-        assert torch.allclose(encoder.residuals[unit][0], noisy[unit] - server_view, atol=1e-6)
+        layer = UNITS[entry.unit][0]
+        server_view = encoder.lbgs[entry.unit].tensors[0] * entry.rho
+        assert torch.allclose(encoder.memory[layer], noisy[layer] - server_view, atol=1e-6)
 
 
 def test_stale_version_is_refused_naming_the_units():
@@ -97,15 +98,17 @@ def test_stale_version_is_refused_naming_the_units():
 
 
 def test_scalar_without_any_lbg_is_refused_as_stale():
-    update = through_the_wire(header(2), [FullLayer(0, 2, torch.zeros(4, 3))], [ScalarEntry(1, 1.0, 1)])
+    update = through_the_wire(header(2), [FullLayer.dense(0, 2, torch.zeros(4, 3))], [ScalarEntry(1, 1.0, 1)])
     with pytest.raises(UpdateRejected) as refused:
         judge(update, round_number=2)
     assert refused.value.stale_units == [1]
 
 
 def full_update(**changes):
-    layers = [FullLayer(0, 1, torch.zeros(4, 3)), FullLayer(1, 1, torch.zeros(4))]
+    layers = [FullLayer.dense(0, 1, torch.zeros(4, 3)), FullLayer.dense(1, 1, torch.zeros(4))]
     for index, change in changes.items():
+        if "tensor" in change:
+            change = {"parts": (change.pop("tensor"),), **change}
         layers[int(index[1:])] = dataclasses.replace(layers[int(index[1:])], **change)
     return ReceivedUpdate(header=header(), full=layers)
 
@@ -118,7 +121,8 @@ def full_update(**changes):
     (full_update(l1={"layer": 7}), "out of range"),
     (full_update(l1={"layer": 0}), "sent twice"),
     (full_update(l1={"lbg_version": 9}), "version"),
-    (ReceivedUpdate(header=header(), full=[FullLayer(0, 1, torch.zeros(4, 3))]), "either fully"),
+    (ReceivedUpdate(header=header(), full=[FullLayer.dense(0, 1, torch.zeros(4, 3))]), "either fully"),
+    (full_update(l0={"codec": pb.TOPK}), "accepts DENSE"),
     (ReceivedUpdate(header=header(num_samples=0)), "num_samples"),
     (ReceivedUpdate(header=header(), scalars=[ScalarEntry(5, 1.0, 1)]), "out of range"),
     (ReceivedUpdate(header=header(), scalars=[ScalarEntry(0, float("nan"), 1)]), "not finite"),
@@ -149,7 +153,7 @@ def test_stream_must_start_with_header():
 
 
 def test_truncated_tensor_is_refused():
-    full = pb.FullGradient(layer=0, lbg_version=1, meta=pb.TensorMeta(dtype=pb.FLOAT32, shape=[4], nbytes=16),
+    full = pb.FullGradient(layer=0, lbg_version=1, parts=[pb.TensorMeta(dtype=pb.FLOAT32, shape=[4], nbytes=16)],
                            data=b"\x00" * 8)
     stream = parts_of(header(), pb.UpdatePart(full=full))
     with pytest.raises(MalformedStream, match="ended early"):
@@ -158,7 +162,7 @@ def test_truncated_tensor_is_refused():
 
 def test_chunk_without_tensor_is_refused():
     stream = parts_of(header(), pb.UpdatePart(chunk=pb.TensorChunk(data=b"x")))
-    with pytest.raises(MalformedStream, match="unexpected chunk"):
+    with pytest.raises(MalformedStream, match="no payload was announced"):
         read_update_body(read_update_header(stream), stream, 1 << 20)
 
 
@@ -177,6 +181,6 @@ def test_scalar_columns_of_different_length_are_refused():
 
 def test_tensor_over_the_limit_is_refused_before_buffering():
     meta = pb.TensorMeta(dtype=pb.FLOAT32, shape=[1 << 20], nbytes=4 << 20)
-    stream = parts_of(header(), pb.UpdatePart(full=pb.FullGradient(layer=0, lbg_version=1, meta=meta)))
+    stream = parts_of(header(), pb.UpdatePart(full=pb.FullGradient(layer=0, lbg_version=1, parts=[meta])))
     with pytest.raises(MalformedStream, match="limit"):
         read_update_body(read_update_header(stream), stream, 1 << 20)

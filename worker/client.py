@@ -29,7 +29,7 @@ from lbgm.common.state_files import load as load_state
 from lbgm.common.wire import ReceivedTask, read_task, update_parts
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
-from lbgm.worker.encoder import EncodedRound, LbgmEncoder
+from lbgm.worker.encoder import EncodedRound, LbgmEncoder, compressor_settings
 from lbgm.worker.shards import local_shard
 from lbgm.worker.trainer import LocalTrainer, local_seed
 
@@ -123,13 +123,14 @@ class VirtualWorker:
         self.worker_id, self.token = reply.worker_id, reply.token
         spec = reply.experiment
         if self.trainer is None:
-            model = build_model(spec.model, spec.seed)
+            images, labels, num_classes = local_shard(spec, reply.shard_index, self.data_dir)
+            model = build_model(spec.model, spec.seed, tuple(images.shape[1:]), num_classes)
             if model_fingerprint(model) != spec.model_fingerprint:
                 raise RuntimeError(f"{self.name}: local model {spec.model!r} differs from the server's "
                                    f"(fingerprint {model_fingerprint(model)} != {spec.model_fingerprint})")
-            images, labels = local_shard(spec, reply.shard_index, self.data_dir)
-            self.trainer = LocalTrainer(model, images, labels, seed=local_seed(spec.seed, reply.shard_index))
-            self.encoder = LbgmEncoder(decision_units(len(list(model.parameters())), spec.granularity))
+            seed = local_seed(spec.seed, reply.shard_index)
+            self.trainer = LocalTrainer(model, images, labels, seed=seed)
+            self.encoder = LbgmEncoder(decision_units(len(list(model.parameters())), spec.granularity), seed=seed)
             if self.state_path is not None and self.state_path.exists():
                 self.encoder.lbgs = lbgs_from_state(load_state(self.state_path))
         dropped = self.encoder.keep_matching({v.unit: v.version for v in reply.lbg_versions})
@@ -167,6 +168,8 @@ class VirtualWorker:
         gradient, loss = self.trainer.train(received.tensors, settings.local_steps, settings.batch_size,
                                             settings.local_lr)
         wire_dtype = torch_dtype(settings.wire_dtype)
+        self.encoder.compressor = compressor_settings(settings)
+        buffers = self.trainer.buffers()
         force_full: set[int] = set()
         header = pb.UpdateHeader(worker_id=self.worker_id, token=self.token, round=task.round,
                                  num_samples=self.trainer.num_samples, train_loss=loss)
@@ -174,7 +177,7 @@ class VirtualWorker:
             encoded = self.encoder.encode(gradient, task.round, settings.delta, wire_dtype, force_full,
                                           settings.error_feedback)
             try:
-                self._call(lambda: stub.SubmitUpdate(update_parts(header, encoded.full, encoded.scalars),
+                self._call(lambda: stub.SubmitUpdate(update_parts(header, encoded.full, encoded.scalars, buffers),
                                                      timeout=task.seconds_to_deadline + 30), "upload")
             except grpc.RpcError as error:
                 detail = error_detail(error)

@@ -1,6 +1,18 @@
-"""The worker's LBGM state and encoder: a stateful compressor over the
-accumulated gradient that turns each decision unit into a scalar or a full
-upload (lbgm.common.lookback holds the math)."""
+"""The worker's LBGM state and encoder.
+
+Per round and layer: x = g + memory; the base compressor C (none, top-k,
+sign, QSGD, low rank) turns x into a payload whose decoded form g~ = C(x) is
+what the server would rebuild. LBGM then decides per unit on g~: a scalar
+rho against the unit's look-back gradient, or the payload in full (g~
+becomes the new LBG on both sides, bit-identical because both decode the same
+bytes). The math lives in lbgm.common.lookback and lbgm.common.compressors.
+
+Error feedback keeps one memory per layer holding what the server has not
+seen: the compressor's loss x - g~ (if `compressor_memory`) plus LBGM's loss
+g~ - rho * LBG (if `error_feedback`), so each lost piece is carried once.
+Nothing changes until commit(), which the worker calls only once the server
+accepted the upload.
+"""
 
 from __future__ import annotations
 
@@ -9,31 +21,46 @@ from dataclasses import dataclass
 
 import torch
 
+from lbgm.common.compressors import CODEC_OF, CompressorSettings, compress
 from lbgm.common.lookback import LookbackGradient, Unit, decide, rebuild
 from lbgm.common.wire import FullLayer, ScalarEntry
+from lbgm.v1 import lbgm_pb2 as pb
+
+
+@dataclass(frozen=True)
+class CompressedLayer:
+    full: FullLayer  # what would travel if the layer's unit goes in full
+    decoded: torch.Tensor  # g~: the server's reconstruction of that payload
+    warm_q: torch.Tensor | None
 
 
 @dataclass(frozen=True)
 class EncodedRound:
     full: list[FullLayer]
     scalars: list[ScalarEntry]
-    new_lbgs: dict[int, LookbackGradient]  # installed by commit() once the server accepted the upload
-    residuals: dict[int, tuple[torch.Tensor, ...]]  # what the server could not rebuild, per unit
+    new_lbgs: dict[int, LookbackGradient]
+    memory: dict[int, torch.Tensor]  # per layer, installed by commit()
+    warm_q: dict[int, torch.Tensor]
     phase_errors: dict[int, float]
 
 
 class LbgmEncoder:
-    """Per-unit LBGs (and, with error feedback, residuals) of one worker.
-
-    With error feedback the gradient that is decided on is g + residual, and
-    the new residual is what the server will not see: (g + r) - rho * LBG for
-    a scalar unit, the rounding of the wire dtype for a full one.
-    """
-
-    def __init__(self, units: Sequence[Unit]) -> None:
+    def __init__(self, units: Sequence[Unit], compressor: CompressorSettings = CompressorSettings(),
+                 seed: int = 0) -> None:
         self.units = list(units)
+        self.compressor = compressor
         self.lbgs: dict[int, LookbackGradient] = {}
-        self.residuals: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.memory: dict[int, torch.Tensor] = {}
+        self.warm_q: dict[int, torch.Tensor] = {}
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def _compress(self, layer: int, x: torch.Tensor, round_number: int, wire_dtype: torch.dtype) -> CompressedLayer:
+        if self.compressor.name == "none":
+            sent = x.detach().to(wire_dtype, copy=True)
+            return CompressedLayer(FullLayer.dense(layer, round_number, sent), sent, None)
+        result = compress(self.compressor, x, self.warm_q.get(layer), self._generator)
+        return CompressedLayer(FullLayer(layer, round_number, result.codec, result.parts), result.decoded,
+                               result.lowrank_q)
 
     def encode(
         self,
@@ -45,33 +72,42 @@ class LbgmEncoder:
         error_feedback: bool = False,
     ) -> EncodedRound:
         """Decide every unit; nothing changes until commit()."""
+        inputs = [g + self.memory[i] if i in self.memory else g for i, g in enumerate(gradient)]
+        layers = [self._compress(i, x, round_number, wire_dtype) for i, x in enumerate(inputs)]
+        compressor_memory = self.compressor.memory and self.compressor.name != "none"
         full: list[FullLayer] = []
         scalars: list[ScalarEntry] = []
         new_lbgs: dict[int, LookbackGradient] = {}
-        residuals: dict[int, tuple[torch.Tensor, ...]] = {}
+        memory: dict[int, torch.Tensor] = {}
         errors: dict[int, float] = {}
         for index, unit in enumerate(self.units):
-            parts = [gradient[layer] for layer in unit]
-            if error_feedback and index in self.residuals:
-                parts = [part + residual for part, residual in zip(parts, self.residuals[index])]
+            decoded = [layers[layer].decoded for layer in unit]
             lbg = None if index in force_full else self.lbgs.get(index)
-            decision = decide(parts, lbg.tensors if lbg else None, delta)
+            decision = decide(decoded, lbg.tensors if lbg else None, delta)
             errors[index] = decision.phase_error
             if decision.send_scalar:
                 scalars.append(ScalarEntry(unit=index, rho=decision.rho, lbg_version=lbg.version))
-                seen = rebuild(lbg.tensors, decision.rho)
+                server_view = rebuild(lbg.tensors, decision.rho)
             else:
-                sent = tuple(part.detach().to(wire_dtype, copy=True) for part in parts)
-                new_lbgs[index] = LookbackGradient(tensors=sent, version=round_number)
-                full.extend(FullLayer(layer, round_number, tensor) for layer, tensor in zip(unit, sent))
-                seen = [tensor.to(torch.float32) for tensor in sent]
-            if error_feedback:
-                residuals[index] = tuple(part - server_view for part, server_view in zip(parts, seen))
-        return EncodedRound(full=full, scalars=scalars, new_lbgs=new_lbgs, residuals=residuals, phase_errors=errors)
+                new_lbgs[index] = LookbackGradient(tensors=tuple(decoded), version=round_number)
+                full.extend(layers[layer].full for layer in unit)
+                server_view = [d.to(torch.float32) for d in decoded]
+            for layer, seen in zip(unit, server_view):
+                carried = torch.zeros_like(inputs[layer])
+                if compressor_memory:
+                    carried += inputs[layer] - layers[layer].decoded
+                if error_feedback:
+                    carried += layers[layer].decoded.to(torch.float32) - seen
+                if compressor_memory or error_feedback:
+                    memory[layer] = carried
+        warm_q = {i: layer.warm_q for i, layer in enumerate(layers) if layer.warm_q is not None}
+        return EncodedRound(full=full, scalars=scalars, new_lbgs=new_lbgs, memory=memory, warm_q=warm_q,
+                            phase_errors=errors)
 
     def commit(self, encoded: EncodedRound) -> None:
         self.lbgs.update(encoded.new_lbgs)
-        self.residuals.update(encoded.residuals)
+        self.memory.update(encoded.memory)
+        self.warm_q.update(encoded.warm_q)
 
     def keep_matching(self, server_versions: dict[int, int]) -> list[int]:
         """Drop every LBG the server does not hold at the same version; returns the dropped units."""
@@ -79,3 +115,11 @@ class LbgmEncoder:
         for unit in dropped:
             del self.lbgs[unit]
         return dropped
+
+
+def compressor_settings(settings: pb.TrainSettings) -> CompressorSettings:
+    """The base compressor a round's settings ask for."""
+    names = {codec: name for name, codec in CODEC_OF.items()}
+    return CompressorSettings(name=names[settings.codec], topk_fraction=settings.topk_fraction or 0.1,
+                              quantization_levels=settings.quantization_levels or 127,
+                              lowrank_rank=settings.lowrank_rank or 2, memory=settings.compressor_memory)

@@ -35,8 +35,8 @@ def _partition(name: str, data_dir: str, num_shards: int, scheme: str, seed: int
     return tuple(partition(labels, num_shards, scheme, seed, classes_per_worker=k, alpha=alpha))
 
 
-def local_shard(spec: pb.ExperimentSpec, shard_index: int, data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) of shard `shard_index` under the experiment's partition."""
+def local_shard(spec: pb.ExperimentSpec, shard_index: int, data_dir: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(images, labels, number of classes) of shard `shard_index` under the experiment's partition."""
     if shard_index >= spec.num_shards:
         raise ValueError(f"shard {shard_index} does not exist; the experiment has {spec.num_shards}")
     with _loading:
@@ -46,4 +46,4 @@ def local_shard(spec: pb.ExperimentSpec, shard_index: int, data_dir: str) -> tup
     indices = shards[shard_index]
     counts = class_summary(dataset.labels, [indices], dataset.num_classes)[0]
     log.info("shard %d: %d samples, per class %s", shard_index, len(indices), counts)
-    return dataset.images[indices], dataset.labels[indices]
+    return dataset.images[indices], dataset.labels[indices], dataset.num_classes

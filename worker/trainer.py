@@ -44,13 +44,17 @@ class LocalTrainer:
         self._cursor += batch_size
         return batch
 
-    def train(self, global_params: Sequence[torch.Tensor], local_steps: int, batch_size: int,
+    def train(self, global_state: Sequence[torch.Tensor], local_steps: int, batch_size: int,
               lr: float) -> tuple[list[torch.Tensor], float]:
-        """(accumulated gradient per parameter, mean training loss over the steps)."""
+        """(accumulated gradient per parameter, mean training loss over the steps).
+
+        `global_state` is the global model's parameters followed by its buffers;
+        afterwards `buffers()` holds this worker's updated BatchNorm statistics.
+        """
         params = list(self.model.parameters())
         with torch.no_grad():
-            for param, value in zip(params, global_params, strict=True):
-                param.copy_(value)
+            for target, value in zip([*params, *self.model.buffers()], global_state, strict=True):
+                target.copy_(value)
         accumulated = [torch.zeros_like(p) for p in params]
         self.model.train()
         loss_sum = 0.0
@@ -66,3 +70,6 @@ class LocalTrainer:
                     acc.add_(param.grad)
                     param.sub_(param.grad, alpha=lr)
         return accumulated, loss_sum / local_steps
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [buffer.detach().clone() for buffer in self.model.buffers()]

@@ -20,6 +20,14 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT8: _ClassVar[DType]
     UINT8: _ClassVar[DType]
     BOOL: _ClassVar[DType]
+
+class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DENSE: _ClassVar[Codec]
+    TOPK: _ClassVar[Codec]
+    SIGN: _ClassVar[Codec]
+    QSGD: _ClassVar[Codec]
+    LOWRANK: _ClassVar[Codec]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -31,6 +39,11 @@ INT16: DType
 INT8: DType
 UINT8: DType
 BOOL: DType
+DENSE: Codec
+TOPK: Codec
+SIGN: Codec
+QSGD: Codec
+LOWRANK: Codec
 
 class TensorMeta(_message.Message):
     __slots__ = ("dtype", "shape", "nbytes")
@@ -111,20 +124,30 @@ class TaskRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., token: _Optional[bytes] = ..., max_wait_seconds: _Optional[float] = ...) -> None: ...
 
 class TrainSettings(_message.Message):
-    __slots__ = ("local_steps", "batch_size", "local_lr", "delta", "wire_dtype", "error_feedback")
+    __slots__ = ("local_steps", "batch_size", "local_lr", "delta", "wire_dtype", "error_feedback", "codec", "topk_fraction", "quantization_levels", "lowrank_rank", "compressor_memory")
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_LR_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    TOPK_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_LEVELS_FIELD_NUMBER: _ClassVar[int]
+    LOWRANK_RANK_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSOR_MEMORY_FIELD_NUMBER: _ClassVar[int]
     local_steps: int
     batch_size: int
     local_lr: float
     delta: float
     wire_dtype: DType
     error_feedback: bool
-    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_lr: _Optional[float] = ..., delta: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., error_feedback: _Optional[bool] = ...) -> None: ...
+    codec: Codec
+    topk_fraction: float
+    quantization_levels: int
+    lowrank_rank: int
+    compressor_memory: bool
+    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_lr: _Optional[float] = ..., delta: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., error_feedback: _Optional[bool] = ..., codec: _Optional[_Union[Codec, str]] = ..., topk_fraction: _Optional[float] = ..., quantization_levels: _Optional[int] = ..., lowrank_rank: _Optional[int] = ..., compressor_memory: _Optional[bool] = ...) -> None: ...
 
 class RoundTask(_message.Message):
     __slots__ = ("round", "total_rounds", "settings", "num_tensors", "seconds_to_deadline")
@@ -189,16 +212,18 @@ class UpdateHeader(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., token: _Optional[bytes] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., train_loss: _Optional[float] = ...) -> None: ...
 
 class FullGradient(_message.Message):
-    __slots__ = ("layer", "lbg_version", "meta", "data")
+    __slots__ = ("layer", "lbg_version", "codec", "parts", "data")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     LBG_VERSION_FIELD_NUMBER: _ClassVar[int]
-    META_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     layer: int
     lbg_version: int
-    meta: TensorMeta
+    codec: Codec
+    parts: _containers.RepeatedCompositeFieldContainer[TensorMeta]
     data: bytes
-    def __init__(self, layer: _Optional[int] = ..., lbg_version: _Optional[int] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, layer: _Optional[int] = ..., lbg_version: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., parts: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ScalarUpdate(_message.Message):
     __slots__ = ("units", "rhos", "lbg_versions")
@@ -211,16 +236,18 @@ class ScalarUpdate(_message.Message):
     def __init__(self, units: _Optional[_Iterable[int]] = ..., rhos: _Optional[_Iterable[float]] = ..., lbg_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UpdatePart(_message.Message):
-    __slots__ = ("header", "full", "chunk", "scalars")
+    __slots__ = ("header", "full", "chunk", "scalars", "buffer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     SCALARS_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
     header: UpdateHeader
     full: FullGradient
     chunk: TensorChunk
     scalars: ScalarUpdate
-    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., full: _Optional[_Union[FullGradient, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., scalars: _Optional[_Union[ScalarUpdate, _Mapping]] = ...) -> None: ...
+    buffer: ModelTensor
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., full: _Optional[_Union[FullGradient, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., scalars: _Optional[_Union[ScalarUpdate, _Mapping]] = ..., buffer: _Optional[_Union[ModelTensor, _Mapping]] = ...) -> None: ...
 
 class UpdateAck(_message.Message):
     __slots__ = ("round", "full_units", "scalar_units")
