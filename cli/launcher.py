@@ -55,6 +55,14 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+def _partition_overview(path: Path, max_lines: int = 12) -> str:
+    """The class summary the server wrote: whole when short, else its head and footer."""
+    lines = path.read_text().splitlines()
+    if len(lines) > max_lines:
+        lines = [*lines[:max_lines - 2], f"... ({len(lines) - max_lines + 1} more lines in {path})", lines[-1]]
+    return "\n".join(lines)
+
+
 def worker_groups(workers: int, processes: int) -> list[int]:
     """How many virtual workers each process hosts (as even as possible)."""
     base, extra = divmod(workers, processes)
@@ -92,6 +100,7 @@ def run_federation(config: ExperimentConfig, out_dir: Path, processes: int, log_
                 stdout=open(logs / f"worker-{index}.log", "w"), stderr=subprocess.STDOUT))
         print(f"lbgm run: server on {target}, {config.workers} workers in {processes} processes; "
               f"logs in {logs}", file=sys.stderr)
+        print(_partition_overview(run_dir / "partition.txt"), file=sys.stderr)
         _follow(server, children[1:], target, config)
     except KeyboardInterrupt:
         print("lbgm run: interrupted; stopping all processes", file=sys.stderr)

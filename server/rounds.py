@@ -29,6 +29,7 @@ from lbgm.common.lookback import (
     aggregation_weights, average_buffers, decision_units, server_sgd_step, weighted_sum,
 )
 from lbgm.common.models import build_model, model_fingerprint
+from lbgm.common.partition import format_class_summary, partition
 from lbgm.common.state_files import lbgs_to_state, save_atomic
 from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_parts, wire_size
 from lbgm.server.accounting import RoundLedger, RunRecorder
@@ -100,6 +101,17 @@ class Coordinator:
         self._totals = {"uplink": 0, "downlink": 0}
         self._full_parts_bytes: dict[int, int] = {}
         self._started = time.monotonic()
+        self._write_partition_summary()
+
+    def _write_partition_summary(self) -> None:
+        """partition.txt: which classes each worker's shard holds (workers compute the same split)."""
+        c = self.config
+        train = load_dataset(c.dataset, "train", Path(c.data_dir) if c.data_dir else None)
+        shards = partition(train.labels, c.workers, c.partition, c.seed, classes_per_worker=c.classes_per_worker,
+                           alpha=c.dirichlet_alpha)
+        summary = format_class_summary(train.labels, shards, train.num_classes)
+        (self.recorder.run_dir / "partition.txt").write_text(summary + "\n")
+        log.info("data partition (%s, worker index = shard = worker id - 1):\n%s", c.partition, summary)
 
     # ---------------------------------------------------------- worker side
 

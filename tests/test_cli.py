@@ -82,7 +82,7 @@ def test_bad_config_files_are_explained(tmp_path, text, message):
 def test_shipped_experiment_configs_load():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    configs = sorted((Path(__file__).parents[1] / "configs").rglob("*.toml"))
     assert configs
     for path in configs:
         load_config(path)

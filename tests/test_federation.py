@@ -37,7 +37,9 @@ def finished_run(tmp_path_factory):
 
 
 def test_every_round_completes_with_all_workers(finished_run):
-    _, records, _ = finished_run
+    server, records, _ = finished_run
+    summary_lines = (server.run_dir / "partition.txt").read_text().splitlines()
+    assert len(summary_lines) == 1 + CONFIG.workers + 1  # header, one line per worker, footer
     assert [r["round"] for r in records] == list(range(1, CONFIG.rounds + 1))
     assert all(r["participants"] == [1, 2, 3, 4] and not r["missing"] for r in records)
 
