@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+def resident_memory_bytes() -> int:
+    """This process's resident set size now (Linux /proc), or its peak where /proc is missing."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass

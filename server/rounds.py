@@ -12,6 +12,7 @@ and records metrics. gRPC threads call `join`, `wait_for_task`, `submit` and
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import threading
@@ -32,7 +33,7 @@ from lbgm.common.models import build_model, model_fingerprint
 from lbgm.common.partition import format_class_summary, partition
 from lbgm.common.state_files import lbgs_to_state, save_atomic
 from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_parts, wire_size
-from lbgm.server.accounting import RoundLedger, RunRecorder
+from lbgm.server.accounting import RoundLedger, RunRecorder, resident_memory_bytes
 from lbgm.server.evaluation import evaluate, load_state
 from lbgm.server.mirrors import MirrorStore
 from lbgm.server.registry import Registry, WorkerRecord
@@ -61,6 +62,11 @@ class OpenRound:
     started: float
     accepted: dict[int, AcceptedUpdate] = field(default_factory=dict)
     equivalent_bytes: int = 0  # what the accepted uploads would have cost with delta = 0
+
+
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's memory as bytes, for any dtype (numpy has no bfloat16)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def upload_rules(config: ExperimentConfig, model: torch.nn.Module) -> UploadRules:
@@ -208,7 +214,7 @@ class Coordinator:
             self._full_parts_bytes[key] = sum(wire_size(part) for part in parts)
         return self._full_parts_bytes[key]
 
-    def status(self) -> pb.StatusReply:
+    def status(self, include_digest: bool = False) -> pb.StatusReply:
         with self._cond:
             current = self._round.number if self._round else self._completed
             return pb.StatusReply(
@@ -216,7 +222,23 @@ class Coordinator:
                 test_accuracy=self._last_eval[0], test_loss=self._last_eval[1],
                 uplink_bytes=self._totals["uplink"], downlink_bytes=self._totals["downlink"],
                 finished=self._finished, completed_rounds=self._completed,
+                state_digest=self._state_digest() if include_digest else "",
             )
+
+    def _state_digest(self) -> str:
+        """Hash of everything an upload may change (caller holds the lock); byte counters excluded."""
+        digest = hashlib.sha256()
+        open_round = self._round
+        digest.update(repr((self._completed, open_round.number if open_round else 0,
+                            sorted(open_round.accepted) if open_round else [])).encode())
+        for tensor in (*self.params, *self.buffers, *(self.velocity or ())):
+            digest.update(raw_bytes(tensor))
+        for worker_id in self.registry.ids():
+            for unit, lbg in sorted(self.mirrors.of_worker(worker_id).items()):
+                digest.update(repr((worker_id, unit, lbg.version)).encode())
+                for tensor in lbg.tensors:
+                    digest.update(raw_bytes(tensor))
+        return digest.hexdigest()
 
     # ---------------------------------------------------------- driver
 
@@ -322,6 +344,8 @@ class Coordinator:
             "scalar_units": sum(u.scalar_units for u in closed.accepted.values()),
             "round_seconds": time.monotonic() - started,
             "elapsed_seconds": time.monotonic() - self._started,
+            "server_rss_bytes": resident_memory_bytes(),
+            "mirror_bytes": self.mirrors.nbytes(),
         }
         self.recorder.add_round(record)
         log.info("round %d/%d: accuracy %.4f loss %.4f, %d/%d workers, %d scalar / %d full units, uplink %d B",

@@ -286,11 +286,13 @@ class ErrorDetail(_message.Message):
     def __init__(self, reason: _Optional[_Union[ErrorDetail.Reason, str]] = ..., stale_units: _Optional[_Iterable[int]] = ..., current_round: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("include_state_digest",)
+    INCLUDE_STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    include_state_digest: bool
+    def __init__(self, include_state_digest: _Optional[bool] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("round", "total_rounds", "workers_joined", "test_accuracy", "test_loss", "uplink_bytes", "downlink_bytes", "finished", "completed_rounds")
+    __slots__ = ("round", "total_rounds", "workers_joined", "test_accuracy", "test_loss", "uplink_bytes", "downlink_bytes", "finished", "completed_rounds", "state_digest")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_JOINED_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +302,7 @@ class StatusReply(_message.Message):
     DOWNLINK_BYTES_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     round: int
     total_rounds: int
     workers_joined: int
@@ -309,4 +312,5 @@ class StatusReply(_message.Message):
     downlink_bytes: int
     finished: bool
     completed_rounds: int
-    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., workers_joined: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., uplink_bytes: _Optional[int] = ..., downlink_bytes: _Optional[int] = ..., finished: _Optional[bool] = ..., completed_rounds: _Optional[int] = ...) -> None: ...
+    state_digest: str
+    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., workers_joined: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., uplink_bytes: _Optional[int] = ..., downlink_bytes: _Optional[int] = ..., finished: _Optional[bool] = ..., completed_rounds: _Optional[int] = ..., state_digest: _Optional[str] = ...) -> None: ...
