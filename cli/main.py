@@ -4,6 +4,7 @@
   lbgm server --port 50051      the aggregator, for multi-host deployments
   lbgm worker --server H:P      one process hosting one or more virtual workers
   lbgm status --server H:P      round, workers, accuracy and bytes of a running server
+  lbgm certs --out DIR          development CA and certificates for mutual TLS (docs/SECURITY.md)
   lbgm sweep / lbgm report      grids of runs, and their plots and tables
   lbgm analyze-gradients        how low-rank centralized training's gradients are
 """
@@ -18,11 +19,13 @@ from pathlib import Path
 
 import grpc
 
-from lbgm.cli import analyze, report, sweep
-from lbgm.cli.options import UsageError, add_log_level, configure_logging
+from lbgm.cli import analyze, certs, report, sweep
+from lbgm.cli.options import UsageError, add_log_level, configure_logging, worker_names
+from lbgm.cli.transport import (add_client_tls_arguments, add_server_tls_arguments, client_tls, server_tls,
+                                worker_tls)
 from lbgm.common.config import ConfigError, add_config_arguments, config_from_args
 from lbgm.common.datasets import DatasetError
-from lbgm.common.grpc_options import CHANNEL_OPTIONS
+from lbgm.common.tls import ChannelTls, open_channel
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
@@ -49,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default: 50051)")
     server.add_argument("--port-file", type=Path, help="write the bound port to this file once listening")
     server.add_argument("--out-dir", type=Path, default=Path("runs"), help="parent folder of run folders (default: runs)")
+    add_server_tls_arguments(server)
     add_log_level(server)
     add_config_arguments(server)
 
@@ -68,11 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--state-dir", type=Path,
                         help="keep each virtual worker's LBGs here, so a restarted worker goes on sending scalars")
     worker.add_argument("--torch-threads", type=int, default=1, help="intra-op threads for local training (default: 1)")
+    add_client_tls_arguments(worker).add_argument(
+        "--tls-cert-dir", type=Path,
+        help="folder of client certificates as `lbgm certs` writes them: the virtual worker named X presents "
+             "X.crt with key X.key ('/' in X written as '_')")
     add_log_level(worker)
 
     status = commands.add_parser("status", help="show a running server's progress")
     status.add_argument("--server", required=True, help="aggregator address, HOST:PORT")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    add_client_tls_arguments(status)
     add_log_level(status)
     status.set_defaults(func=cmd_status)
     run.set_defaults(func=cmd_run)
@@ -81,14 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_parser(commands)
     report.add_parser(commands)
     analyze.add_parser(commands)
+    certs.add_parser(commands)
     return parser
 
 
 def cmd_server(args: argparse.Namespace) -> int:
     from lbgm.server.app import serve
 
+    tls = server_tls(args)
     config = config_from_args(args)
-    serve(config, args.host, args.port, args.out_dir / config.name, args.port_file)
+    serve(config, args.host, args.port, args.out_dir / config.name, args.port_file, tls=tls)
     return 0
 
 
@@ -102,20 +113,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise UsageError(f"--virtual-workers must be >= 1, got {args.virtual_workers}")
     if ":" not in args.server:
         raise UsageError(f"--server must look like HOST:PORT, got {args.server!r}")
+    names = worker_names(args.name, args.virtual_workers)
+    tls = worker_tls(args, names)
     torch.set_num_threads(max(1, args.torch_threads))
-    names = [args.name] if args.virtual_workers == 1 else [f"{args.name}-{i}" for i in range(args.virtual_workers)]
     return run_virtual_workers(args.server, names, args.data_dir, args.poll_seconds,
-                               RetryPolicy(give_up_seconds=args.give_up_after), args.state_dir)
+                               RetryPolicy(give_up_seconds=args.give_up_after), args.state_dir, tls)
 
 
-def fetch_status(target: str, timeout: float = 5.0) -> pb.StatusReply:
-    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+def fetch_status(target: str, timeout: float = 5.0, tls: ChannelTls | None = None) -> pb.StatusReply:
+    with open_channel(target, tls) as channel:
         return pb_grpc.AggregatorStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        status = fetch_status(args.server)
+        status = fetch_status(args.server, tls=client_tls(args, args.tls_cert, args.tls_key))
     except grpc.RpcError as error:
         raise UsageError(f"cannot reach {args.server}: {error.code().name}: {error.details()}") from None
     fields = {

@@ -19,3 +19,8 @@ def add_log_level(parser: argparse.ArgumentParser) -> None:
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+def worker_names(prefix: str, count: int) -> list[str]:
+    """The names of `count` virtual workers hosted under `prefix`: the prefix itself when alone."""
+    return [prefix] if count == 1 else [f"{prefix}-{index}" for index in range(count)]

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.grpc_options import SERVER_OPTIONS
+from lbgm.common.tls import ServerTls, is_loopback
 from lbgm.server.rounds import Coordinator
 from lbgm.server.service import AggregatorService
 from lbgm.v1 import lbgm_pb2 as pb
@@ -28,22 +29,29 @@ class BindError(OSError):
     """The server could not listen on the requested address."""
 
 
-def start_server(coordinator: Coordinator, host: str, port: int) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started gRPC server serving the aggregator, grpc.health.v1 and reflection."""
+def start_server(coordinator: Coordinator, host: str, port: int,
+                 tls: ServerTls | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A started gRPC server serving the aggregator, grpc.health.v1 and reflection; plaintext without `tls`."""
     # Every worker holds one thread while it long-polls for a task and one while uploading.
     threads = 2 * coordinator.config.workers + 8
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
                          options=SERVER_OPTIONS)
-    pb_grpc.add_AggregatorServicer_to_server(AggregatorService(coordinator), server)
+    service = AggregatorService(coordinator, check_peer_names=tls is not None and tls.mutual)
+    pb_grpc.add_AggregatorServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        bound = server.add_insecure_port(address) if tls is None else server.add_secure_port(address, tls.credentials)
     except RuntimeError as error:
         raise BindError(f"cannot listen on {host}:{port}: {error}") from None
     if bound == 0:
         raise BindError(f"cannot listen on {host}:{port} (address in use or not local?)")
+    if tls is None and not is_loopback(host):
+        log.warning("serving %s:%d WITHOUT TLS: anyone on the network can read the model and join as any worker",
+                    host, bound)
+    log.info("transport: %s", "plaintext" if tls is None else "mutual TLS" if tls.mutual else "TLS")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -57,10 +65,10 @@ def write_port_file(path: Path, port: int) -> None:
 
 
 def serve(config: ExperimentConfig, host: str, port: int, run_dir: Path, port_file: Path | None = None,
-          finish_grace_seconds: float = 10.0) -> dict:
+          finish_grace_seconds: float = 10.0, tls: ServerTls | None = None) -> dict:
     """Run a whole training job as the server; returns the run summary."""
     coordinator = Coordinator(config, run_dir)
-    server, bound, health_servicer = start_server(coordinator, host, port)
+    server, bound, health_servicer = start_server(coordinator, host, port, tls)
     log.info("aggregator listening on %s:%d, waiting for %d workers; results in %s",
              host, bound, config.effective_min_workers, run_dir)
     if port_file is not None:

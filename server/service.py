@@ -20,6 +20,7 @@ from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 UNAUTHENTICATED_WORKER = 0  # byte counters' slot for callers that never proved who they are
+PEER_NAME_KEY = "x509_common_name"  # auth-context property: subject CN of the verified client certificate
 
 STATUS_OF_REASON = {
     pb.ErrorDetail.STALE_LBG: grpc.StatusCode.FAILED_PRECONDITION,
@@ -39,24 +40,43 @@ def abort(context: grpc.ServicerContext, reason: int, message: str, stale_units:
     context.abort(STATUS_OF_REASON[reason], message)
 
 
+def peer_name(context: grpc.ServicerContext) -> str | None:
+    """The Common Name of the caller's verified client certificate; None if it presented none."""
+    names = context.auth_context().get(PEER_NAME_KEY)
+    return names[0].decode(errors="replace") if names else None
+
+
 class AggregatorService(pb_grpc.AggregatorServicer):
-    def __init__(self, coordinator: Coordinator, max_poll_seconds: float = 30.0) -> None:
+    def __init__(self, coordinator: Coordinator, max_poll_seconds: float = 30.0,
+                 check_peer_names: bool = False) -> None:
         self.coordinator = coordinator
         self.max_poll_seconds = max_poll_seconds
+        # Mutual TLS: a caller may act only as the worker its certificate names, whatever tokens it holds.
+        self.check_peer_names = check_peer_names
         # No legitimate layer is bigger than the model's largest at 8 bytes per value.
         self.max_tensor_bytes = max(math.prod(shape) for shape in coordinator.layer_shapes) * 8
 
+    def _check_peer(self, worker_name: str, context: grpc.ServicerContext) -> None:
+        if self.check_peer_names and (certified := peer_name(context)) != worker_name:
+            claimed = repr(worker_name[:130])  # Join has not checked the name's length yet
+            log.warning("refused a call as worker %s from a client certified as %r", claimed, certified)
+            abort(context, pb.ErrorDetail.UNAUTHENTICATED,
+                  f"the client certificate is for {certified!r}, not for worker {claimed}")
+
     def _authenticate(self, worker_id: int, token: bytes, context: grpc.ServicerContext) -> WorkerRecord:
         try:
-            return self.coordinator.registry.authenticate(worker_id, token)
+            record = self.coordinator.registry.authenticate(worker_id, token)
         except AuthError as error:
             abort(context, pb.ErrorDetail.UNAUTHENTICATED, str(error))
             raise  # unreachable: abort raises
+        self._check_peer(record.name, context)
+        return record
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         if request.protocol != PROTOCOL:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"server speaks {PROTOCOL}, worker asked for {request.protocol!r}")
+        self._check_peer(request.worker_name, context)
         try:
             record, versions = self.coordinator.join(request.worker_name)
         except FederationFull as error:
@@ -107,5 +127,5 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                             scalar_units=accepted.scalar_units)
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
-        return self.coordinator.status()
+        return self.coordinator.status(request.include_state_digest)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,14 +36,14 @@ class ServerProcess:
         return self.log_path.read_text()
 
 
-def start_server(tmp_path: Path, config: ExperimentConfig) -> ServerProcess:
+def start_server(tmp_path: Path, config: ExperimentConfig, extra_args: Sequence[str] = ()) -> ServerProcess:
     config_path = tmp_path / "config.toml"
     config_path.write_text(config_to_toml(config))
     port_file = tmp_path / "port"
     log_path = tmp_path / "server.log"
     process = subprocess.Popen(
         lbgm("server", "--config", str(config_path), "--port", "0", "--port-file", str(port_file),
-             "--out-dir", str(tmp_path / "runs")),
+             "--out-dir", str(tmp_path / "runs"), *extra_args),
         stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while not port_file.exists():
@@ -54,9 +55,9 @@ def start_server(tmp_path: Path, config: ExperimentConfig) -> ServerProcess:
 
 
 def start_worker(tmp_path: Path, target: str, name: str, virtual_workers: int = 1,
-                 state_dir: Path | None = None) -> subprocess.Popen:
+                 state_dir: Path | None = None, extra_args: Sequence[str] = ()) -> subprocess.Popen:
     args = ["worker", "--server", target, "--name", name, "--virtual-workers", str(virtual_workers),
-            "--poll-seconds", "5", "--give-up-after", "30"]
+            "--poll-seconds", "5", "--give-up-after", "30", *extra_args]
     if state_dir is not None:
         args += ["--state-dir", str(state_dir)]
     return subprocess.Popen(lbgm(*args), stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT)

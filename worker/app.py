@@ -5,18 +5,25 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
 
+from lbgm.common.tls import ChannelTls
 from lbgm.worker.client import RetryPolicy, VirtualWorker, WorkerStopped
 
 log = logging.getLogger(__name__)
 
 
 def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_seconds: float = 20.0,
-                        retry: RetryPolicy = RetryPolicy(), state_dir: Path | None = None) -> int:
-    """Run every named virtual worker until training finishes; 0 if all ended cleanly."""
+                        retry: RetryPolicy = RetryPolicy(), state_dir: Path | None = None,
+                        tls: Mapping[str, ChannelTls] | None = None) -> int:
+    """Run every named virtual worker until training finishes; 0 if all ended cleanly.
+
+    With `tls` every worker dials over TLS with the credentials under its name (with mutual TLS,
+    its own client certificate); without, all dial plaintext.
+    """
     stop = threading.Event()
     failures: list[str] = []
 
@@ -35,7 +42,8 @@ def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-    workers = [VirtualWorker(name, target, data_dir, poll_seconds, retry, stop, state_dir) for name in names]
+    workers = [VirtualWorker(name, target, data_dir, poll_seconds, retry, stop, state_dir,
+                             tls[name] if tls is not None else None) for name in names]
     threads = [threading.Thread(target=run_one, args=(w,), name=w.name) for w in workers]
     for thread in threads:
         thread.start()

@@ -21,11 +21,12 @@ from typing import TypeVar
 import grpc
 
 from lbgm.common.codec import torch_dtype
-from lbgm.common.grpc_options import CHANNEL_OPTIONS, ERROR_DETAIL_KEY, PROTOCOL
+from lbgm.common.grpc_options import ERROR_DETAIL_KEY, PROTOCOL
 from lbgm.common.lookback import decision_units
 from lbgm.common.models import build_model, model_fingerprint
 from lbgm.common.state_files import lbgs_from_state, lbgs_to_state, save_atomic
 from lbgm.common.state_files import load as load_state
+from lbgm.common.tls import ChannelTls, open_channel
 from lbgm.common.wire import ReceivedTask, read_task, update_parts
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
@@ -75,9 +76,10 @@ def error_detail(error: grpc.RpcError) -> pb.ErrorDetail | None:
 class VirtualWorker:
     def __init__(self, name: str, target: str, data_dir: str = "", poll_seconds: float = 20.0,
                  retry: RetryPolicy = RetryPolicy(), stop: threading.Event | None = None,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, tls: ChannelTls | None = None) -> None:
         self.name = name
         self.target = target
+        self.tls = tls  # with mutual TLS, a client certificate whose Common Name is `name`
         self.data_dir = data_dir
         self.poll_seconds = poll_seconds
         self.retry = retry
@@ -140,7 +142,7 @@ class VirtualWorker:
                  reply.shard_index, self.trainer.num_samples)
 
     def run(self) -> WorkerStats:
-        with grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS) as channel:
+        with open_channel(self.target, self.tls) as channel:
             stub = pb_grpc.AggregatorStub(channel)
             self.join(stub)
             while not self.stop.is_set():
