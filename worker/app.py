@@ -18,8 +18,12 @@ log = logging.getLogger(__name__)
 
 def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_seconds: float = 20.0,
                         retry: RetryPolicy = RetryPolicy(), state_dir: Path | None = None,
-                        tls: Mapping[str, ChannelTls] | None = None) -> int:
+                        tls: Mapping[str, ChannelTls] | None = None, parallel_training: int = 1) -> int:
     """Run every named virtual worker until training finishes; 0 if all ended cleanly.
+
+    At most `parallel_training` of them train at the same moment: their uploads and downloads
+    overlap freely, but each concurrent training holds its own activations, so unbounded
+    concurrency multiplies peak memory by the number of virtual workers (and thrashes the caches).
 
     With `tls` every worker dials over TLS with the credentials under its name (with mutual TLS,
     its own client certificate); without, all dial plaintext.
@@ -42,8 +46,9 @@ def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
+    training_slots = threading.BoundedSemaphore(parallel_training)
     workers = [VirtualWorker(name, target, data_dir, poll_seconds, retry, stop, state_dir,
-                             tls[name] if tls is not None else None) for name in names]
+                             tls[name] if tls is not None else None, training_slots) for name in names]
     threads = [threading.Thread(target=run_one, args=(w,), name=w.name) for w in workers]
     for thread in threads:
         thread.start()

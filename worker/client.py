@@ -76,10 +76,12 @@ def error_detail(error: grpc.RpcError) -> pb.ErrorDetail | None:
 class VirtualWorker:
     def __init__(self, name: str, target: str, data_dir: str = "", poll_seconds: float = 20.0,
                  retry: RetryPolicy = RetryPolicy(), stop: threading.Event | None = None,
-                 state_dir: Path | None = None, tls: ChannelTls | None = None) -> None:
+                 state_dir: Path | None = None, tls: ChannelTls | None = None,
+                 training_slots: threading.Semaphore | None = None) -> None:
         self.name = name
         self.target = target
         self.tls = tls  # with mutual TLS, a client certificate whose Common Name is `name`
+        self.training_slots = training_slots or threading.Semaphore(1)  # shared by a process's virtual workers
         self.data_dir = data_dir
         self.poll_seconds = poll_seconds
         self.retry = retry
@@ -167,8 +169,9 @@ class VirtualWorker:
     def run_round(self, stub: pb_grpc.AggregatorStub, received: ReceivedTask) -> None:
         task = received.task
         settings = task.settings
-        gradient, loss = self.trainer.train(received.tensors, settings.local_steps, settings.batch_size,
-                                            settings.local_lr)
+        with self.training_slots:
+            gradient, loss = self.trainer.train(received.tensors, settings.local_steps, settings.batch_size,
+                                                settings.local_lr)
         wire_dtype = torch_dtype(settings.wire_dtype)
         self.encoder.compressor = compressor_settings(settings)
         buffers = self.trainer.buffers()
