@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default: 50051)")
     server.add_argument("--port-file", type=Path, help="write the bound port to this file once listening")
     server.add_argument("--out-dir", type=Path, default=Path("runs"), help="parent folder of run folders (default: runs)")
+    server.add_argument("--resume", action="store_true",
+                        help="continue the run <out-dir>/<name> from its last checkpoint (same experiment settings; "
+                             "workers re-join by themselves) instead of starting afresh")
     add_server_tls_arguments(server)
     add_log_level(server)
     add_config_arguments(server)
@@ -71,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds of an unreachable server before the worker exits (default: 300)")
     worker.add_argument("--state-dir", type=Path,
                         help="keep each virtual worker's LBGs here, so a restarted worker goes on sending scalars")
+    worker.add_argument("--parallel-training", type=int, default=1,
+                        help="virtual workers of this process that may train at the same time; each holds its own "
+                             "activations, so memory grows with it (default: 1)")
     worker.add_argument("--torch-threads", type=int, default=1, help="intra-op threads for local training (default: 1)")
     add_client_tls_arguments(worker).add_argument(
         "--tls-cert-dir", type=Path,
@@ -96,10 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_server(args: argparse.Namespace) -> int:
     from lbgm.server.app import serve
+    from lbgm.server.checkpoint import CheckpointError
 
     tls = server_tls(args)
     config = config_from_args(args)
-    serve(config, args.host, args.port, args.out_dir / config.name, args.port_file, tls=tls)
+    try:
+        serve(config, args.host, args.port, args.out_dir / config.name, args.port_file, tls=tls, resume=args.resume)
+    except CheckpointError as error:
+        raise UsageError(str(error)) from None
     return 0
 
 
@@ -111,13 +121,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     if args.virtual_workers < 1:
         raise UsageError(f"--virtual-workers must be >= 1, got {args.virtual_workers}")
+    if args.parallel_training < 1:
+        raise UsageError(f"--parallel-training must be >= 1, got {args.parallel_training}")
     if ":" not in args.server:
         raise UsageError(f"--server must look like HOST:PORT, got {args.server!r}")
     names = worker_names(args.name, args.virtual_workers)
     tls = worker_tls(args, names)
     torch.set_num_threads(max(1, args.torch_threads))
     return run_virtual_workers(args.server, names, args.data_dir, args.poll_seconds,
-                               RetryPolicy(give_up_seconds=args.give_up_after), args.state_dir, tls)
+                               RetryPolicy(give_up_seconds=args.give_up_after), args.state_dir, tls,
+                               args.parallel_training)
 
 
 def fetch_status(target: str, timeout: float = 5.0, tls: ChannelTls | None = None) -> pb.StatusReply:

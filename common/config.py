@@ -67,6 +67,7 @@ class ExperimentConfig:
     wire_dtype: str = _doc(f"dtype of full gradients on the wire: {', '.join(WIRE_DTYPES)}", "float32")
     round_timeout: float = _doc("seconds a round waits for sampled workers before closing with what arrived", 120.0)
     eval_batch_size: int = _doc("batch size of the server's test-set evaluation", 1000)
+    checkpoint_every: int = _doc("write a resumable server checkpoint every N rounds (0: never)", 1)
 
     def __post_init__(self) -> None:
         checks = [
@@ -89,6 +90,7 @@ class ExperimentConfig:
             (self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}"),
             (self.round_timeout > 0, f"round_timeout must be > 0, got {self.round_timeout}"),
             (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
         ]
         problems = [message for ok, message in checks if not ok]
         try:

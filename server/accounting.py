@@ -76,12 +76,14 @@ def write_json_atomic(path: Path, document: Any) -> None:
 class RunRecorder:
     """Appends round records to metrics.jsonl and writes summary.json."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, records: list[dict[str, Any]] | None = None) -> None:
+        """Start metrics.jsonl afresh, or (resuming) with exactly the records of the checkpoint:
+        lines of rounds the crashed server finished after its last checkpoint are dropped."""
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
-        self.records: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = list(records or [])
+        self.metrics_path.write_text("".join(json.dumps(record) + "\n" for record in self.records))
 
     def add_round(self, record: dict[str, Any]) -> None:
         self.records.append(record)

@@ -65,9 +65,9 @@ def write_port_file(path: Path, port: int) -> None:
 
 
 def serve(config: ExperimentConfig, host: str, port: int, run_dir: Path, port_file: Path | None = None,
-          finish_grace_seconds: float = 10.0, tls: ServerTls | None = None) -> dict:
-    """Run a whole training job as the server; returns the run summary."""
-    coordinator = Coordinator(config, run_dir)
+          finish_grace_seconds: float = 10.0, tls: ServerTls | None = None, resume: bool = False) -> dict:
+    """Run a whole training job as the server (or the rest of it, resuming); returns the run summary."""
+    coordinator = Coordinator(config, run_dir, resume)
     server, bound, health_servicer = start_server(coordinator, host, port, tls)
     log.info("aggregator listening on %s:%d, waiting for %d workers; results in %s",
              host, bound, config.effective_min_workers, run_dir)

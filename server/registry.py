@@ -57,6 +57,20 @@ class Registry:
             record.token = secrets.token_bytes(16)
             return record, rejoined
 
+    def restore(self, workers: list[tuple[int, str, int]]) -> None:
+        """Re-create the slots (id, name, shard) of a checkpoint. Tokens are not kept on disk, so every
+        worker must join again: each gets its old id and shard back and a fresh token."""
+        with self._lock:
+            for worker_id, name, shard_index in workers:
+                record = WorkerRecord(worker_id, name, secrets.token_bytes(16), shard_index, joined_at=time.time())
+                self._by_id[worker_id] = record
+                self._by_name[name] = record
+
+    def slots(self) -> list[tuple[int, str, int]]:
+        """(id, name, shard) of every worker, for checkpoints."""
+        with self._lock:
+            return [(r.worker_id, r.name, r.shard_index) for r in sorted(self._by_id.values(), key=lambda r: r.worker_id)]
+
     def authenticate(self, worker_id: int, token: bytes) -> WorkerRecord:
         with self._lock:
             record = self._by_id.get(worker_id)

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lbgm.common.config import ExperimentConfig
@@ -30,9 +29,10 @@ from lbgm.common.lookback import (
     aggregation_weights, average_buffers, decision_units, server_sgd_step, weighted_sum,
 )
 from lbgm.common.models import build_model, model_fingerprint
-from lbgm.common.partition import format_class_summary, partition
+from lbgm.common.partition import format_class_summary, partition, sample_workers
 from lbgm.common.state_files import lbgs_to_state, save_atomic
 from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_parts, wire_size
+from lbgm.server.checkpoint import CheckpointStore, ServerState
 from lbgm.server.accounting import RoundLedger, RunRecorder, resident_memory_bytes
 from lbgm.server.evaluation import evaluate, load_state
 from lbgm.server.mirrors import MirrorStore
@@ -81,8 +81,13 @@ def upload_rules(config: ExperimentConfig, model: torch.nn.Module) -> UploadRule
 
 
 class Coordinator:
-    def __init__(self, config: ExperimentConfig, run_dir: Path) -> None:
+    def __init__(self, config: ExperimentConfig, run_dir: Path, resume: bool = False) -> None:
+        """A fresh run in `run_dir`, or (resume) the run continued from its last checkpoint there."""
         self.config = config
+        self.checkpoints = CheckpointStore(run_dir / "checkpoint")
+        if not resume:
+            self.checkpoints.clear()
+        restored = self.checkpoints.load(config) if resume else None
         self.test_set = load_dataset(config.dataset, "test", Path(config.data_dir) if config.data_dir else None)
         self.model = build_model(config.model, config.seed, tuple(self.test_set.images.shape[1:]),
                                  self.test_set.num_classes)
@@ -96,7 +101,8 @@ class Coordinator:
         self.rules = upload_rules(config, self.model)
         self.registry = Registry(config.workers)
         self.mirrors = MirrorStore()
-        self.recorder = RunRecorder(run_dir)
+        self.recorder = RunRecorder(run_dir, restored.metrics if restored else None)
+        self._present: set[int] = set()  # workers that joined this server process (sampling draws from these)
         self._cond = threading.Condition()
         self._round: OpenRound | None = None
         self._ledger = RoundLedger()
@@ -107,7 +113,37 @@ class Coordinator:
         self._totals = {"uplink": 0, "downlink": 0}
         self._full_parts_bytes: dict[int, int] = {}
         self._started = time.monotonic()
+        if restored is not None:
+            self._restore(restored)
         self._write_partition_summary()
+
+    def _restore(self, state: ServerState) -> None:
+        self.params, self.buffers, self.velocity = state.params, state.buffers, state.velocity
+        self.registry.restore(state.workers)
+        for worker_id, entries in state.mirrors.items():
+            self.mirrors.replace(worker_id, entries)
+        self._completed = state.completed_rounds
+        self._totals = dict(state.totals)
+        self._started -= state.elapsed_seconds
+        if state.metrics:
+            self._last_eval = (state.metrics[-1]["test_accuracy"], state.metrics[-1]["test_loss"])
+        log.info("resumed from %s after round %d: %d workers registered (they re-join by themselves), "
+                 "%d LBG mirror entries", self.checkpoints.directory, self._completed, len(state.workers),
+                 sum(len(entries) for entries in state.mirrors.values()))
+
+    def _checkpoint(self) -> None:
+        """Persist the state after a completed round (the driver thread is the only writer then)."""
+        state = ServerState(
+            completed_rounds=self._completed, params=self.params, buffers=self.buffers, velocity=self.velocity,
+            workers=self.registry.slots(),
+            mirrors={w: self.mirrors.of_worker(w) for w in self.registry.ids()},
+            metrics=self.recorder.records, totals=dict(self._totals),
+            elapsed_seconds=time.monotonic() - self._started,
+        )
+        started = time.monotonic()
+        written = self.checkpoints.save(state, self.config)
+        log.debug("checkpoint after round %d: %d new LBG bytes in %.2fs", self._completed, written,
+                  time.monotonic() - started)
 
     def _write_partition_summary(self) -> None:
         """partition.txt: which classes each worker's shard holds (workers compute the same split)."""
@@ -126,6 +162,7 @@ class Coordinator:
         versions = self.mirrors.versions(record.worker_id)
         log.info("%s %s as worker %d (shard %d)", name, "re-joined" if rejoined else "joined", record.worker_id, record.shard_index)
         with self._cond:
+            self._present.add(record.worker_id)
             self._cond.notify_all()
         return record, versions
 
@@ -245,9 +282,11 @@ class Coordinator:
     def run(self) -> dict:
         """Run every round; returns the summary written to summary.json."""
         self._wait_for_workers()
-        rng = np.random.default_rng(self.config.seed)
-        for number in range(1, self.config.rounds + 1):
-            self._run_round(number, rng)
+        for number in range(self._completed + 1, self.config.rounds + 1):
+            self._run_round(number)
+            every = self.config.checkpoint_every
+            if every and (number % every == 0 or number == self.config.rounds):
+                self._checkpoint()
         self._save_final_state()
         with self._cond:
             self._finished = True
@@ -280,14 +319,14 @@ class Coordinator:
     def _wait_for_workers(self) -> None:
         needed = self.config.effective_min_workers
         with self._cond:
-            while len(self.registry) < needed:
-                log.info("waiting for workers: %d of %d joined", len(self.registry), needed)
+            while len(self._present) < needed:
+                log.info("waiting for workers: %d of %d joined", len(self._present), needed)
                 self._cond.wait(10.0)
 
-    def _run_round(self, number: int, rng: np.random.Generator) -> None:
-        joined = self.registry.ids()
-        count = max(1, round(self.config.fraction * len(joined)))
-        sampled = frozenset(int(w) for w in rng.choice(joined, size=count, replace=False))
+    def _run_round(self, number: int) -> None:
+        with self._cond:
+            present = sorted(self._present)
+        sampled = frozenset(sample_workers(present, self.config.fraction, self.config.seed, number))
         c = self.config
         settings = pb.TrainSettings(
             local_steps=c.local_steps, batch_size=c.batch_size, local_lr=c.local_lr, delta=c.delta,

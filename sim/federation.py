@@ -12,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.datasets import load_dataset
 from lbgm.common.lookback import aggregation_weights, average_buffers, server_sgd_step, weighted_sum
 from lbgm.common.models import build_model
-from lbgm.common.partition import partition
+from lbgm.common.partition import partition, sample_workers
 from lbgm.common.wire import ReceivedUpdate
 from lbgm.server.evaluation import evaluate, load_state
 from lbgm.server.mirrors import MirrorStore
@@ -70,11 +69,9 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
     mirrors = MirrorStore()
     result = SimulationResult(params=params, buffers=buffers, mirrors=mirrors, workers=workers)
     velocity = None
-    rng = np.random.default_rng(config.seed)
     ids = sorted(workers)
     for number in range(1, config.rounds + 1):
-        count = max(1, round(config.fraction * len(ids)))
-        sampled = sorted(int(w) for w in rng.choice(ids, size=count, replace=False))
+        sampled = sample_workers(ids, config.fraction, config.seed, number)
         accepted = []
         for worker_id in sampled:
             worker = workers[worker_id]
