@@ -36,13 +36,15 @@ class ServerProcess:
         return self.log_path.read_text()
 
 
-def start_server(tmp_path: Path, config: ExperimentConfig, extra_args: Sequence[str] = ()) -> ServerProcess:
+def start_server(tmp_path: Path, config: ExperimentConfig, extra_args: Sequence[str] = (), port: int = 0,
+                 log_name: str = "server.log") -> ServerProcess:
     config_path = tmp_path / "config.toml"
     config_path.write_text(config_to_toml(config))
     port_file = tmp_path / "port"
-    log_path = tmp_path / "server.log"
+    port_file.unlink(missing_ok=True)
+    log_path = tmp_path / log_name
     process = subprocess.Popen(
-        lbgm("server", "--config", str(config_path), "--port", "0", "--port-file", str(port_file),
+        lbgm("server", "--config", str(config_path), "--port", str(port), "--port-file", str(port_file),
              "--out-dir", str(tmp_path / "runs"), *extra_args),
         stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
@@ -60,7 +62,8 @@ def start_worker(tmp_path: Path, target: str, name: str, virtual_workers: int = 
             "--poll-seconds", "5", "--give-up-after", "30", *extra_args]
     if state_dir is not None:
         args += ["--state-dir", str(state_dir)]
-    return subprocess.Popen(lbgm(*args), stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+    # Appending: a restarted worker (same name) keeps the log of its previous life.
+    return subprocess.Popen(lbgm(*args), stdout=open(tmp_path / f"{name}.log", "a"), stderr=subprocess.STDOUT)
 
 
 @pytest.fixture

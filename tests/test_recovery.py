@@ -1,0 +1,115 @@
+"""Crashes of real processes (SIGKILL): a dead worker cannot stall a round and
+takes its slot back when restarted; a killed server resumes from its last
+checkpoint and the run finishes as if nothing had happened."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from lbgm.common.config import ExperimentConfig, config_to_toml
+from lbgm.sim.federation import simulate
+
+from conftest import FAST, lbgm, start_server, start_worker
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for_rounds(run_dir: Path, count: int, timeout: float = 120) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while len(records := read_records(run_dir)) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} rounds after {timeout}s"
+        time.sleep(0.1)
+    return records
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+DEADLINE = 6.0
+WORKER_CRASH = ExperimentConfig(name="worker-crash", workers=3, rounds=8, delta=0.5,
+                                **{**FAST, "round_timeout": DEADLINE})
+
+
+def test_killed_worker_is_left_out_then_rejoins_with_its_identity(tmp_path, processes):
+    server = start_server(tmp_path, WORKER_CRASH)
+    processes.append(server.process)
+    workers = {name: start_worker(tmp_path, server.target, name) for name in ("w0", "w1", "victim")}
+    processes.extend(workers.values())
+    wait_for_rounds(server.run_dir, 2)
+    workers["victim"].send_signal(signal.SIGKILL)
+    workers["victim"].wait()
+    killed_after = len(read_records(server.run_dir))
+    wait_for_rounds(server.run_dir, killed_after + 2)  # rounds go on without it, closed by the deadline
+    restarted = start_worker(tmp_path, server.target, "victim")
+    processes.append(restarted)
+    assert server.process.wait(timeout=180) == 0, server.log()
+    assert restarted.wait(timeout=30) == 0
+
+    records = read_records(server.run_dir)
+    assert [r["round"] for r in records] == list(range(1, WORKER_CRASH.rounds + 1))
+    victim_id = next(int(line.split("as worker ")[1].split()[0]) for line in server.log().splitlines()
+                     if "victim joined as worker" in line)
+    orphaned = [r for r in records if victim_id in r["missing"]]
+    assert orphaned, "no round closed without the killed worker"
+    for record in orphaned:
+        assert sorted(record["participants"]) == sorted(set(record["sampled"]) - {victim_id})
+        assert record["round_seconds"] < DEADLINE + 5  # closed by the deadline, not stalled
+    assert victim_id in records[-1]["participants"]  # back after the restart
+    assert f"victim re-joined as worker {victim_id}" in server.log()
+
+
+SERVER_CRASH = ExperimentConfig(name="server-crash", workers=2, rounds=10, delta=0.3, **FAST)
+
+
+def test_server_killed_mid_run_resumes_and_finishes_like_an_uninterrupted_run(tmp_path, processes):
+    port = free_port()
+    server = start_server(tmp_path, SERVER_CRASH, port=port)
+    processes.append(server.process)
+    processes.extend(start_worker(tmp_path, server.target, f"w{i}", extra_args=["--give-up-after", "120"])
+                     for i in range(2))
+    wait_for_rounds(server.run_dir, 4)
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    crashed_after = len(read_records(server.run_dir))
+
+    resumed = start_server(tmp_path, SERVER_CRASH, extra_args=["--resume"], port=port, log_name="resumed.log")
+    processes.append(resumed.process)
+    assert resumed.process.wait(timeout=240) == 0, resumed.log()
+    assert all(worker.wait(timeout=60) == 0 for worker in processes[1:3])
+
+    assert "resumed from" in resumed.log()
+    checkpointed = int(resumed.log().split("after round ")[1].split(":")[0])
+    assert crashed_after - 1 <= checkpointed <= crashed_after  # at most the round in flight is lost
+    records = read_records(resumed.run_dir)
+    assert [r["round"] for r in records] == list(range(1, SERVER_CRASH.rounds + 1))
+    summary = json.loads((resumed.run_dir / "summary.json").read_text())
+    uninterrupted = simulate(SERVER_CRASH, evaluate_every_round=False).rounds[-1]["test_accuracy"]
+    assert abs(summary["final_accuracy"] - uninterrupted) < 0.02, (summary["final_accuracy"], uninterrupted)
+
+
+def test_resume_refuses_a_checkpoint_of_another_experiment(tmp_path, processes):
+    config = ExperimentConfig(name="short", workers=1, rounds=2, **FAST)
+    server = start_server(tmp_path, config)
+    processes.append(server.process)
+    processes.append(start_worker(tmp_path, server.target, "only"))
+    assert server.process.wait(timeout=120) == 0, server.log()
+    changed = ExperimentConfig(name="short", workers=1, rounds=2, **{**FAST, "local_lr": 0.1})
+    config_path = tmp_path / "changed.toml"
+    config_path.write_text(config_to_toml(changed))
+    result = subprocess.run(lbgm("server", "--config", str(config_path), "--port", "0", "--resume",
+                                 "--out-dir", str(tmp_path / "runs")), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "local_lr was 0.5, now 0.1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (server.run_dir / "summary.json").exists()  # the finished run is untouched
