@@ -207,10 +207,22 @@ def read_update_header(stream: Iterator[pb.UpdatePart]) -> ReceivedUpdate:
     return update
 
 
-def read_update_body(update: ReceivedUpdate, stream: Iterator[pb.UpdatePart], max_tensor_bytes: int) -> ReceivedUpdate:
-    """Reads full layers, the scalar part and buffers after the header into `update`."""
+def read_update_body(update: ReceivedUpdate, stream: Iterator[pb.UpdatePart], max_tensor_bytes: int,
+                     max_update_bytes: int | None = None) -> ReceivedUpdate:
+    """Reads full layers, the scalar part and buffers after the header into `update`.
+
+    `max_update_bytes` bounds the payload bytes announced by the whole stream, so a
+    sender repeating parts cannot make the receiver buffer without limit."""
     reader = _PayloadReader(max_tensor_bytes)
     current_kind = "full"
+    announced = 0
+
+    def announce(metas: Sequence[pb.TensorMeta]) -> None:
+        nonlocal announced
+        announced += sum(meta.nbytes for meta in metas)
+        if max_update_bytes is not None and announced > max_update_bytes:
+            raise MalformedStream(f"update announces {announced} payload bytes so far, "
+                                  f"more than the limit of {max_update_bytes} for one upload")
 
     def add_full(head: pb.FullGradient, payload: list[torch.Tensor]) -> None:
         update.full.append(FullLayer(head.layer, head.lbg_version, head.codec, tuple(payload)))
@@ -224,9 +236,11 @@ def read_update_body(update: ReceivedUpdate, stream: Iterator[pb.UpdatePart], ma
         kind = part.WhichOneof("part")
         if kind == "full":
             current_kind = "full"
+            announce(part.full.parts)
             reader.start(part.full, part.full.parts, part.full.data, add_full)
         elif kind == "buffer":
             current_kind = "buffer"
+            announce([part.buffer.meta])
             reader.start(part.buffer, [part.buffer.meta], part.buffer.data, add_buffer)
         elif kind == "chunk":  # continues the payload being read, and counts as its kind
             reader.add(part.chunk.data)

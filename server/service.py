@@ -55,6 +55,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.check_peer_names = check_peer_names
         # No legitimate layer is bigger than the model's largest at 8 bytes per value.
         self.max_tensor_bytes = max(math.prod(shape) for shape in coordinator.layer_shapes) * 8
+        # Nor does an upload carry more than every layer and buffer once at that size.
+        self.max_update_bytes = 8 * sum(math.prod(shape) for shape in (
+            *coordinator.layer_shapes, *(shape for shape, _ in coordinator.rules.buffer_specs)))
 
     def _check_peer(self, worker_name: str, context: grpc.ServicerContext) -> None:
         if self.check_peer_names and (certified := peer_name(context)) != worker_name:
@@ -113,7 +116,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             abort(context, pb.ErrorDetail.MALFORMED, str(error))
         record = self._authenticate(update.header.worker_id, update.header.token, context)
         try:
-            read_update_body(update, stream, self.max_tensor_bytes)
+            read_update_body(update, stream, self.max_tensor_bytes, self.max_update_bytes)
         except MalformedStream as error:
             self.coordinator.record_refusal(record.worker_id, pb.ErrorDetail.MALFORMED, update.wire_bytes)
             log.warning("refused malformed upload from worker %d: %s", record.worker_id, error)

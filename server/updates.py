@@ -138,7 +138,10 @@ def judge_update(
             if mirror is None or mirror.version != scalar.lbg_version:
                 stale.append(unit_index)
                 continue
-            for layer, rebuilt in zip(unit, rebuild(mirror.tensors, scalar.rho)):
+            rebuilt_unit = rebuild(mirror.tensors, scalar.rho)
+            if not all(bool(torch.isfinite(rebuilt).all()) for rebuilt in rebuilt_unit):
+                raise UpdateRejected(malformed, f"rho {scalar.rho} for unit {unit_index} overflows its LBG to Inf")
+            for layer, rebuilt in zip(unit, rebuilt_unit):
                 gradient[layer] = rebuilt
             floats += 1
         else:
