@@ -80,6 +80,10 @@ class Registry:
             raise AuthError(f"bad token for worker {worker_id}")
         return record
 
+    def shard_of(self, worker_id: int) -> int:
+        with self._lock:
+            return self._by_id[worker_id].shard_index
+
     def name_of(self, worker_id: int) -> str:
         with self._lock:
             return self._by_id[worker_id].name

@@ -151,6 +151,7 @@ class Coordinator:
         train = load_dataset(c.dataset, "train", Path(c.data_dir) if c.data_dir else None)
         shards = partition(train.labels, c.workers, c.partition, c.seed, classes_per_worker=c.classes_per_worker,
                            alpha=c.dirichlet_alpha)
+        self._shard_sizes = [len(shard) for shard in shards]
         summary = format_class_summary(train.labels, shards, train.num_classes)
         (self.recorder.run_dir / "partition.txt").write_text(summary + "\n")
         log.info("data partition (%s, worker index = shard = worker id - 1):\n%s", c.partition, summary)
@@ -236,7 +237,13 @@ class Coordinator:
             raise UpdateRejected(pb.ErrorDetail.NOT_SAMPLED, f"worker {worker_id} was not sampled in round {claimed}")
         if worker_id in current.accepted:
             raise UpdateRejected(pb.ErrorDetail.DUPLICATE, f"worker {worker_id} already submitted round {claimed}")
-        return judge_update(update, current.number, self.rules, self.mirrors.of_worker(worker_id))
+        accepted = judge_update(update, current.number, self.rules, self.mirrors.of_worker(worker_id))
+        # The aggregation weight: a worker claiming more samples than its shard holds would dominate the average.
+        shard_size = self._shard_sizes[self.registry.shard_of(worker_id)]
+        if accepted.num_samples != shard_size:
+            raise UpdateRejected(pb.ErrorDetail.MALFORMED, f"num_samples is {accepted.num_samples}, but worker "
+                                                           f"{worker_id}'s shard holds {shard_size} samples")
+        return accepted
 
     def _all_full_bytes(self, round_number: int) -> int:
         """Serialized size of every layer sent in full (the delta = 0 upload), header excluded."""

@@ -46,6 +46,7 @@ from conftest import FAST, ServerProcess, start_server, start_worker
 
 PROTO = Path(__file__).resolve().parents[1] / "proto" / "lbgm" / "v1" / "lbgm.proto"
 CONFIG = ExperimentConfig(name="hostile", workers=3, min_workers=1, rounds=3, **{**FAST, "round_timeout": 120.0})
+SHARD_SAMPLES = 12_000 // CONFIG.workers  # the embedded training set split iid: what an honest header claims
 ERROR_DETAIL_KEY = "lbgm-error-bin"  # named in the .proto's ErrorDetail comment
 CHUNK = 1 << 20
 SERVER_RECEIVE_LIMIT = 4 << 20  # lbgm.common.grpc_options.MAX_MESSAGE_BYTES: what the attacker must exceed
@@ -145,7 +146,7 @@ def full_layer(f: Federation, layer: int, array: np.ndarray, version: int | None
 
 
 def header(f: Federation, who: Identity, round_number: int | None = None, token: bytes | None = None,
-           worker_id: int | None = None, num_samples: int = 10):
+           worker_id: int | None = None, num_samples: int = SHARD_SAMPLES):
     return f.pb.UpdatePart(header=f.pb.UpdateHeader(
         worker_id=who.worker_id if worker_id is None else worker_id, token=who.token if token is None else token,
         round=f.round if round_number is None else round_number, num_samples=num_samples, train_loss=0.5))
@@ -284,6 +285,8 @@ ATTACKS = [
            INVALID, "MALFORMED", "for unit 3 overflows its LBG to Inf"),
     Attack("zero samples", lambda f: upload(f, f.attacker, num_samples=0),
            INVALID, "MALFORMED", "num_samples must be positive"),
+    Attack("more samples than the shard holds", lambda f: upload(f, f.attacker, num_samples=10**9),
+           INVALID, "MALFORMED", f"shard holds {SHARD_SAMPLES} samples"),
     Attack("buffer the model does not have", lambda f: upload(f, f.attacker) + [f.pb.UpdatePart(
         buffer=f.pb.ModelTensor(index=0, meta=f.pb.TensorMeta(dtype=f.pb.FLOAT32, shape=[1], nbytes=4),
                                 data=b"\0" * 4))],
