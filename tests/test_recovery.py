@@ -89,6 +89,9 @@ def test_server_killed_mid_run_resumes_and_finishes_like_an_uninterrupted_run(tm
     assert all(worker.wait(timeout=60) == 0 for worker in processes[1:3])
 
     assert "resumed from" in resumed.log()
+    worker_log = (tmp_path / "w0.log").read_text()
+    assert "UNAVAILABLE" in worker_log and "retrying in" in worker_log  # backed off while the server was down
+    assert "re-joining" in worker_log  # the new server process did not know its session token
     checkpointed = int(resumed.log().split("after round ")[1].split(":")[0])
     assert crashed_after - 1 <= checkpointed <= crashed_after  # at most the round in flight is lost
     records = read_records(resumed.run_dir)
