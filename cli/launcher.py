@@ -3,7 +3,9 @@
 One server process and P worker processes (the N workers spread over them as
 virtual workers) talk real gRPC over 127.0.0.1. Each process logs to
 <run>/logs/; this process shows a progress bar fed by the server's GetStatus
-and prints the run summary at the end.
+and prints the run summary at the end. `launch` takes a Placement, so
+`lbgm lab` runs the same federation with each process in its own network
+namespace.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from tqdm import tqdm
 
-from lbgm.cli.options import UsageError
+from lbgm.cli.options import UsageError, environ_without_options
 from lbgm.common.config import ExperimentConfig, config_to_toml
 from lbgm.common.grpc_options import CHANNEL_OPTIONS
 from lbgm.v1 import lbgm_pb2 as pb
@@ -69,10 +74,41 @@ def worker_groups(workers: int, processes: int) -> list[int]:
     return [base + (1 if index < extra else 0) for index in range(processes)]
 
 
-def run_federation(config: ExperimentConfig, out_dir: Path, processes: int, log_level: str) -> int:
+@dataclass(frozen=True)
+class WorkerProcess:
+    """One worker OS process: its name, its virtual workers, and the command prefix that places it."""
+
+    name: str
+    virtual_workers: int
+    prefix: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a federation's processes run. `lbgm run` keeps them all on 127.0.0.1; `lbgm lab` puts each
+    behind `ip netns exec NS` and reaches the server's GetStatus through `status_route`, which maps the
+    server's HOST:PORT to a target this process can dial while the context is open."""
+
+    workers: tuple[WorkerProcess, ...]
+    server_host: str = "127.0.0.1"
+    server_prefix: tuple[str, ...] = ()
+    server_args: tuple[str, ...] = ()
+    status_route: Callable[[str], AbstractContextManager[str]] = nullcontext
+
+
+def run_federation(config: ExperimentConfig, out_dir: Path, processes: int, log_level: str,
+                   log_format: str) -> int:
     processes = processes or min(config.workers, MAX_DEFAULT_PROCESSES)
     if not 1 <= processes <= config.workers:
         raise UsageError(f"--processes must lie in [1, workers={config.workers}], got {processes}")
+    groups = worker_groups(config.workers, processes)
+    placement = Placement(tuple(WorkerProcess(f"proc{index}", count) for index, count in enumerate(groups)))
+    return launch(config, out_dir, placement, log_level, "lbgm run", log_format)
+
+
+def launch(config: ExperimentConfig, out_dir: Path, placement: Placement, log_level: str, label: str,
+           log_format: str = "text") -> int:
+    """Runs the federation to its end and prints its summary: 0, 1 (a process failed) or 130 (interrupted)."""
     run_dir = out_dir / config.name
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -83,32 +119,41 @@ def run_federation(config: ExperimentConfig, out_dir: Path, processes: int, log_
     port_file = run_dir / "port"
 
     children: list[subprocess.Popen] = []
+    child_env = environ_without_options()  # children get every setting as a flag; no LBGM_* may change one
+    interrupted = False
     started = time.monotonic()
     try:
         server_log = logs / "server.log"
         server = subprocess.Popen(
-            _lbgm_command("server", "--config", str(config_path), "--host", "127.0.0.1", "--port", "0",
-                          "--port-file", str(port_file), "--out-dir", str(out_dir), "--log-level", log_level),
-            stdout=open(server_log, "w"), stderr=subprocess.STDOUT)
+            [*placement.server_prefix,
+             *_lbgm_command("server", "--config", str(config_path), "--host", placement.server_host, "--port", "0",
+                            "--port-file", str(port_file), "--out-dir", str(out_dir), "--log-level", log_level,
+                            "--log-format", log_format, *placement.server_args)],
+            stdout=open(server_log, "w"), stderr=subprocess.STDOUT, env=child_env)
         children.append(server)
         port = _wait_for_port(port_file, server, server_log)
-        target = f"127.0.0.1:{port}"
-        for index, count in enumerate(worker_groups(config.workers, processes)):
+        target = f"{placement.server_host}:{port}"
+        for index, process in enumerate(placement.workers):
             children.append(subprocess.Popen(
-                _lbgm_command("worker", "--server", target, "--name", f"proc{index}", "--virtual-workers", str(count),
-                              "--log-level", log_level, "--data-dir", config.data_dir),
-                stdout=open(logs / f"worker-{index}.log", "w"), stderr=subprocess.STDOUT))
-        print(f"lbgm run: server on {target}, {config.workers} workers in {processes} processes; "
+                [*process.prefix,
+                 *_lbgm_command("worker", "--server", target, "--name", process.name,
+                                "--virtual-workers", str(process.virtual_workers),
+                                "--log-level", log_level, "--log-format", log_format,
+                                "--data-dir", config.data_dir)],
+                stdout=open(logs / f"worker-{index}.log", "w"), stderr=subprocess.STDOUT, env=child_env))
+        print(f"{label}: server on {target}, {config.workers} workers in {len(placement.workers)} processes; "
               f"logs in {logs}", file=sys.stderr)
         print(_partition_overview(run_dir / "partition.txt"), file=sys.stderr)
-        _follow(server, children[1:], target, config)
+        with placement.status_route(target) as reachable:
+            _follow(server, children[1:], reachable, config)
     except KeyboardInterrupt:
-        print("lbgm run: interrupted; stopping all processes", file=sys.stderr)
+        interrupted = True
+        print(f"{label}: interrupted; stopping all processes", file=sys.stderr)
         return 130
     finally:
-        _stop_all(children)
+        _stop_all(children, grace_seconds=0.0 if interrupted else 15.0)
     if server.returncode != 0:
-        print(f"lbgm run: server failed with status {server.returncode}:\n{_tail(server_log)}", file=sys.stderr)
+        print(f"{label}: server failed with status {server.returncode}:\n{_tail(server_log)}", file=sys.stderr)
         return 1
     summary = json.loads((run_dir / "summary.json").read_text())
     print(format_summary(summary, run_dir, time.monotonic() - started))

@@ -4,8 +4,10 @@
   lbgm server --port 50051      the aggregator, for multi-host deployments
   lbgm worker --server H:P      one process hosting one or more virtual workers
   lbgm status --server H:P      round, workers, accuracy and bytes of a running server
+  lbgm health --server H:P      exit 0 if the server's grpc.health.v1 says SERVING (container healthchecks)
   lbgm certs --out DIR          development CA and certificates for mutual TLS (docs/SECURITY.md)
   lbgm sweep / lbgm report      grids of runs, and their plots and tables
+  lbgm lab --hosts 4            one run across network namespaces with capped links (root only)
   lbgm analyze-gradients        how low-rank centralized training's gradients are
 """
 
@@ -19,8 +21,8 @@ from pathlib import Path
 
 import grpc
 
-from lbgm.cli import analyze, certs, report, sweep
-from lbgm.cli.options import UsageError, add_log_level, configure_logging, worker_names
+from lbgm.cli import analyze, certs, health, netlab, report, sweep
+from lbgm.cli.options import EnvParser, UsageError, add_log_level, configure_logging, worker_names
 from lbgm.cli.transport import (add_client_tls_arguments, add_server_tls_arguments, client_tls, server_tls,
                                 worker_tls)
 from lbgm.common.config import ConfigError, add_config_arguments, config_from_args
@@ -34,7 +36,7 @@ from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lbgm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=EnvParser)
 
     run = commands.add_parser("run", help="run a server and N workers as separate processes on localhost",
                               description="Start a server and worker processes on localhost over real gRPC, "
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_level(run)
     add_config_arguments(run)
 
-    server = commands.add_parser("server", help="run the aggregation server",
+    server = commands.add_parser("server", help="run the aggregation server", read_env=True,
                                  description="Run the aggregator; it trains for --rounds rounds, then exits.")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     server.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default: 50051)")
@@ -55,11 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--resume", action="store_true",
                         help="continue the run <out-dir>/<name> from its last checkpoint (same experiment settings; "
                              "workers re-join by themselves) instead of starting afresh")
+    server.add_argument("--metrics-port", type=int, default=0,
+                        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (default: 0, disabled)")
+    server.add_argument("--metrics-host",
+                        help="address of the metrics endpoint: plain HTTP without authentication, exposing counts, "
+                             "sizes and accuracy but no secrets (default: the --host address)")
     add_server_tls_arguments(server)
     add_log_level(server)
     add_config_arguments(server)
 
-    worker = commands.add_parser("worker", help="run one worker process (one or more virtual workers)",
+    worker = commands.add_parser("worker", help="run one worker process (one or more virtual workers)", read_env=True,
                                  description="Dial out to a server, join, and train until the server says it is done.")
     worker.add_argument("--server", required=True, help="aggregator address, HOST:PORT")
     worker.add_argument("--name", default=socket.gethostname(),
@@ -97,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_parser(commands)
     analyze.add_parser(commands)
     certs.add_parser(commands)
+    health.add_parser(commands)
+    netlab.add_parser(commands)
     return parser
 
 
@@ -104,10 +113,13 @@ def cmd_server(args: argparse.Namespace) -> int:
     from lbgm.server.app import serve
     from lbgm.server.checkpoint import CheckpointError
 
+    if not 0 <= args.metrics_port <= 65535:
+        raise UsageError(f"--metrics-port must lie in [0, 65535], got {args.metrics_port}")
     tls = server_tls(args)
     config = config_from_args(args)
     try:
-        serve(config, args.host, args.port, args.out_dir / config.name, args.port_file, tls=tls, resume=args.resume)
+        serve(config, args.host, args.port, args.out_dir / config.name, args.port_file, tls=tls, resume=args.resume,
+              metrics_host=args.metrics_host or args.host, metrics_port=args.metrics_port)
     except CheckpointError as error:
         raise UsageError(str(error)) from None
     return 0
@@ -161,14 +173,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lbgm.cli.launcher import run_federation
 
     config = config_from_args(args)
-    return run_federation(config, args.out_dir, args.processes, args.log_level)
+    return run_federation(config, args.out_dir, args.processes, args.log_level, args.log_format)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "run":
-        configure_logging(args.log_level)
+        configure_logging(args.log_level, args.log_format)
     try:
         return args.func(args)
     except (UsageError, ConfigError, DatasetError, OSError) as error:

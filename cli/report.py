@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lbgm.cli.options import UsageError
+from lbgm.cli.options import UsageError, add_log_level
 from lbgm.common.config import ConfigError, load_config
 from lbgm.server.accounting import summarize
 
@@ -317,8 +317,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--out", type=Path, required=True, help="folder to write the plots and report.md to")
     add_target_argument(report)
     report.add_argument("--title", default="LBGM runs", help="title of the plots and report (default: LBGM runs)")
-    report.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="logging verbosity (default: WARNING)")
+    add_log_level(report, default="WARNING")
     report.set_defaults(func=cmd_report)
 
 

@@ -22,12 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lbgm.cli.options import UsageError
+from lbgm.cli.options import FALSE_WORDS, TRUE_WORDS, UsageError, add_log_level
 from lbgm.cli.report import add_target_argument, build_rows, format_table, load_run, read_summary
 from lbgm.common.config import FIELDS, ConfigError, ExperimentConfig, add_config_arguments, config_from_args
 
-TRUE_WORDS = ("true", "yes", "on", "1")
-FALSE_WORDS = ("false", "no", "off", "0")
 FINISHED = ("done", "skipped")  # outcomes whose run folder holds a complete run
 
 
@@ -153,7 +151,8 @@ def check_processes(processes: int, configs: Sequence[ExperimentConfig]) -> None
 
 # ------------------------------------------------------------------ running
 
-def run_point(config: ExperimentConfig, out_dir: Path, processes: int, log_level: str) -> Outcome:
+def run_point(config: ExperimentConfig, out_dir: Path, processes: int, log_level: str,
+              log_format: str) -> Outcome:
     """One grid point as a real `lbgm run`; a failure is an outcome, not an exception, so the others run."""
     from lbgm.cli.launcher import run_federation
 
@@ -165,7 +164,7 @@ def run_point(config: ExperimentConfig, out_dir: Path, processes: int, log_level
         print(f"lbgm sweep: {run_dir} holds a run of other settings; running it again", file=sys.stderr)
     started = time.monotonic()
     try:
-        status = run_federation(config, out_dir, processes, log_level)
+        status = run_federation(config, out_dir, processes, log_level, log_format)
     except (RuntimeError, OSError) as error:
         first_line = f"{type(error).__name__}: {error}".splitlines()[0].rstrip(":")
         return Outcome(config.name, "failed", f"{first_line}; logs in {run_dir / 'logs'}")
@@ -179,11 +178,11 @@ def run_point(config: ExperimentConfig, out_dir: Path, processes: int, log_level
 
 
 def run_sweep(configs: Sequence[ExperimentConfig], out_dir: Path, processes: int,
-              log_level: str) -> list[Outcome]:
+              log_level: str, log_format: str) -> list[Outcome]:
     """Runs the grid in order, printing one line per point; stops early only when interrupted."""
     outcomes = []
     for index, config in enumerate(configs, start=1):
-        outcome = run_point(config, out_dir, processes, log_level)
+        outcome = run_point(config, out_dir, processes, log_level, log_format)
         print(f"sweep [{index}/{len(configs)}] {outcome.name}: {outcome.status} ({outcome.detail})", flush=True)
         outcomes.append(outcome)
         if outcome.status == "interrupted":
@@ -213,8 +212,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--processes", type=int, default=0,
                        help="worker OS processes per run (default: one per worker, at most 10)")
     add_target_argument(sweep)
-    sweep.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                       help="logging verbosity of the runs' processes (default: INFO)")
+    add_log_level(sweep)  # also passed to every run's server and worker processes
     add_config_arguments(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
@@ -229,7 +227,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_processes(args.processes, configs)
     out_dir = args.out_dir or Path("runs") / "sweeps" / base.name
     print(f"lbgm sweep: {len(configs)} runs in {out_dir}", flush=True)
-    outcomes = run_sweep(configs, out_dir, args.processes, args.log_level)
+    outcomes = run_sweep(configs, out_dir, args.processes, args.log_level, args.log_format)
     finished = [load_run(out_dir / outcome.name) for outcome in outcomes if outcome.status in FINISHED]
     if finished:
         print()

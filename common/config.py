@@ -1,7 +1,8 @@
 """Experiment configuration: one frozen dataclass, loadable from TOML, with
 every field documented once (the CLI builds its --help from these docs).
 
-Precedence: defaults < config file < command-line flags.
+Precedence: defaults < config file < LBGM_* environment variables (`lbgm server` and
+`lbgm worker`, cli/options.py) < command-line flags.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.grpc_options import SERVER_OPTIONS
 from lbgm.common.tls import ServerTls, is_loopback
+from lbgm.server.metrics import serve_metrics
 from lbgm.server.rounds import Coordinator
 from lbgm.server.service import AggregatorService
 from lbgm.v1 import lbgm_pb2 as pb
@@ -65,9 +66,12 @@ def write_port_file(path: Path, port: int) -> None:
 
 
 def serve(config: ExperimentConfig, host: str, port: int, run_dir: Path, port_file: Path | None = None,
-          finish_grace_seconds: float = 10.0, tls: ServerTls | None = None, resume: bool = False) -> dict:
-    """Run a whole training job as the server (or the rest of it, resuming); returns the run summary."""
+          finish_grace_seconds: float = 10.0, tls: ServerTls | None = None, resume: bool = False,
+          metrics_host: str = "127.0.0.1", metrics_port: int = 0) -> dict:
+    """Run a whole training job as the server (or the rest of it, resuming); returns the run summary.
+    A nonzero `metrics_port` serves Prometheus metrics over HTTP until the gRPC server stops."""
     coordinator = Coordinator(config, run_dir, resume)
+    metrics_server = serve_metrics(coordinator.metrics.registry, metrics_host, metrics_port) if metrics_port else None
     server, bound, health_servicer = start_server(coordinator, host, port, tls)
     log.info("aggregator listening on %s:%d, waiting for %d workers; results in %s",
              host, bound, config.effective_min_workers, run_dir)
@@ -80,5 +84,7 @@ def serve(config: ExperimentConfig, host: str, port: int, run_dir: Path, port_fi
         log.info("shutting down the gRPC server")
         health_servicer.enter_graceful_shutdown()
         server.stop(grace=2.0).wait()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         log.info("server stopped")
     return summary

@@ -35,6 +35,7 @@ from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_pa
 from lbgm.server.checkpoint import CheckpointStore, ServerState
 from lbgm.server.accounting import RoundLedger, RunRecorder, resident_memory_bytes
 from lbgm.server.evaluation import evaluate, load_state
+from lbgm.server.metrics import ServerMetrics
 from lbgm.server.mirrors import MirrorStore
 from lbgm.server.registry import Registry, WorkerRecord
 from lbgm.server.updates import AcceptedUpdate, UpdateRejected, UploadRules, judge_update
@@ -102,6 +103,7 @@ class Coordinator:
         self.registry = Registry(config.workers)
         self.mirrors = MirrorStore()
         self.recorder = RunRecorder(run_dir, restored.metrics if restored else None)
+        self.metrics = ServerMetrics(self.status, self.mirrors.nbytes, config.round_timeout)
         self._present: set[int] = set()  # workers that joined this server process (sampling draws from these)
         self._cond = threading.Condition()
         self._round: OpenRound | None = None
@@ -160,6 +162,7 @@ class Coordinator:
 
     def join(self, name: str) -> tuple[WorkerRecord, dict[int, int]]:
         record, rejoined = self.registry.join(name)
+        self.metrics.heard_from(record.worker_id)
         versions = self.mirrors.versions(record.worker_id)
         log.info("%s %s as worker %d (shard %d)", name, "re-joined" if rejoined else "joined", record.worker_id, record.shard_index)
         with self._cond:
@@ -178,6 +181,7 @@ class Coordinator:
     def wait_for_task(self, worker_id: int, max_wait: float) -> RoundTaskSnapshot | pb.Finished | None:
         """The round task for this worker, Finished, or None after max_wait seconds."""
         end = time.monotonic() + max_wait
+        self.metrics.heard_from(worker_id)
         with self._cond:
             while True:
                 if self._finished:
@@ -196,9 +200,11 @@ class Coordinator:
         with self._cond:
             self._ledger.add_downlink(worker_id, kind, count)
             self._totals["downlink"] += count
+            self.metrics.downlink(kind, count)
 
     def submit(self, worker_id: int, update: ReceivedUpdate) -> AcceptedUpdate:
         """Accept one upload atomically, or raise UpdateRejected and change nothing but the byte counters."""
+        self.metrics.heard_from(worker_id)
         with self._cond:
             try:
                 accepted = self._judge(worker_id, update)
@@ -207,6 +213,7 @@ class Coordinator:
                 raise
             self._ledger.add_uplink(worker_id, update.bytes_by_kind)
             self._totals["uplink"] += update.wire_bytes
+            self.metrics.accepted(update.bytes_by_kind, accepted.scalar_units, accepted.full_units)
             current = self._round
             self.mirrors.replace(worker_id, accepted.new_mirrors)
             current.accepted[worker_id] = accepted
@@ -226,6 +233,7 @@ class Coordinator:
         self._ledger.add_uplink(worker_id, {"refused": wire_bytes})
         self._totals["uplink"] += wire_bytes
         self._ledger.refused[pb.ErrorDetail.Reason.Name(reason)] += 1
+        self.metrics.refused(reason, wire_bytes)
 
     def _judge(self, worker_id: int, update: ReceivedUpdate) -> AcceptedUpdate:
         current = self._round
@@ -394,6 +402,7 @@ class Coordinator:
             "mirror_bytes": self.mirrors.nbytes(),
         }
         self.recorder.add_round(record)
+        self.metrics.round_closed(record["round_seconds"])
         log.info("round %d/%d: accuracy %.4f loss %.4f, %d/%d workers, %d scalar / %d full units, uplink %d B",
                  number, c.rounds, accuracy, loss, len(participants), len(sampled), record["scalar_units"],
                  record["full_units"], record["uplink_bytes"])
