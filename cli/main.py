@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--resume", action="store_true",
                         help="continue the run <out-dir>/<name> from its last checkpoint (same experiment settings; "
                              "workers re-join by themselves) instead of starting afresh")
+    server.add_argument("--auto-resume", action="store_true",
+                        help="resume if <out-dir>/<name> holds a checkpoint, else start afresh: for containers "
+                             "that a restart policy brings back after a crash")
     server.add_argument("--metrics-port", type=int, default=0,
                         help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (default: 0, disabled)")
     server.add_argument("--metrics-host",
@@ -111,14 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_server(args: argparse.Namespace) -> int:
     from lbgm.server.app import serve
-    from lbgm.server.checkpoint import CheckpointError
+    from lbgm.server.checkpoint import CheckpointError, CheckpointStore
 
     if not 0 <= args.metrics_port <= 65535:
         raise UsageError(f"--metrics-port must lie in [0, 65535], got {args.metrics_port}")
     tls = server_tls(args)
     config = config_from_args(args)
+    run_dir = args.out_dir / config.name
+    resume = args.resume or (args.auto_resume and CheckpointStore.of_run(run_dir).exists())
     try:
-        serve(config, args.host, args.port, args.out_dir / config.name, args.port_file, tls=tls, resume=args.resume,
+        serve(config, args.host, args.port, run_dir, args.port_file, tls=tls, resume=resume,
               metrics_host=args.metrics_host or args.host, metrics_port=args.metrics_port)
     except CheckpointError as error:
         raise UsageError(str(error)) from None

@@ -71,6 +71,10 @@ class CheckpointStore:
         self.manifest_path = directory / "manifest.pt"
         self.lbg_dir = directory / "lbg"
 
+    @classmethod
+    def of_run(cls, run_dir: Path) -> CheckpointStore:
+        return cls(run_dir / "checkpoint")
+
     def exists(self) -> bool:
         return self.manifest_path.exists()
 

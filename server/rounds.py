@@ -85,7 +85,7 @@ class Coordinator:
     def __init__(self, config: ExperimentConfig, run_dir: Path, resume: bool = False) -> None:
         """A fresh run in `run_dir`, or (resume) the run continued from its last checkpoint there."""
         self.config = config
-        self.checkpoints = CheckpointStore(run_dir / "checkpoint")
+        self.checkpoints = CheckpointStore.of_run(run_dir)
         if not resume:
             self.checkpoints.clear()
         restored = self.checkpoints.load(config) if resume else None

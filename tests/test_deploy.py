@@ -154,7 +154,8 @@ def test_compose_has_one_healthchecked_server_and_scalable_workers_that_wait_for
     assert "127.0.0.1:50051:50051" in map(interpolated, server["ports"])  # the host's loopback only
     assert worker["healthcheck"] == {"disable": True}
     assert worker["depends_on"]["server"]["condition"] == "service_healthy"
-    assert server["restart"] == "no"  # a plain restart would start the run afresh
+    # A restarted server must continue the run, not start it afresh over its checkpoint.
+    assert server["restart"] == "on-failure" and server["environment"]["LBGM_AUTO_RESUME"] == "1"
 
 
 def test_compose_mounts_data_read_only_and_keeps_runs_and_worker_state_in_volumes():

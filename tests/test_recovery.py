@@ -83,7 +83,8 @@ def test_server_killed_mid_run_resumes_and_finishes_like_an_uninterrupted_run(tm
     server.process.wait()
     crashed_after = len(read_records(server.run_dir))
 
-    resumed = start_server(tmp_path, SERVER_CRASH, extra_args=["--resume"], port=port, log_name="resumed.log")
+    # --auto-resume (what containers use) finds the checkpoint; --resume is covered below.
+    resumed = start_server(tmp_path, SERVER_CRASH, extra_args=["--auto-resume"], port=port, log_name="resumed.log")
     processes.append(resumed.process)
     assert resumed.process.wait(timeout=240) == 0, resumed.log()
     assert all(worker.wait(timeout=60) == 0 for worker in processes[1:3])
