@@ -8,6 +8,7 @@
   lbgm certs --out DIR          development CA and certificates for mutual TLS (docs/SECURITY.md)
   lbgm sweep / lbgm report      grids of runs, and their plots and tables
   lbgm lab --hosts 4            one run across network namespaces with capped links (root only)
+  lbgm fetch-data --dataset D   download a data set's official files into --data-dir (needs network)
   lbgm analyze-gradients        how low-rank centralized training's gradients are
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from lbgm.cli import analyze, certs, health, netlab, report, sweep
+from lbgm.cli import analyze, certs, fetch, health, netlab, report, sweep
 from lbgm.cli.options import EnvParser, UsageError, add_log_level, configure_logging, worker_names
 from lbgm.cli.transport import (add_client_tls_arguments, add_server_tls_arguments, client_tls, server_tls,
                                 worker_tls)
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_parser(commands)
     health.add_parser(commands)
     netlab.add_parser(commands)
+    fetch.add_parser(commands)
     return parser
 
 

@@ -337,8 +337,8 @@ def _ensure_files(name: str, info: DatasetInfo, split: str, data_dir: Path | Non
     if name == EMBEDDED:
         raise DatasetError(f"{problem}: the installed package is incomplete")
     if not download:
-        raise DatasetError(f"{problem}. Copy the files there, or pass download=True to fetch them "
-                           "(needs network access and a writable data folder)")
+        raise DatasetError(f"{problem}. Copy the files there, or fetch them with `lbgm fetch-data --dataset "
+                           f"{name} --data-dir {data_dir}` (needs network access and a writable folder)")
     assert data_dir is not None
     try:
         _download(name, Path(data_dir), folder)

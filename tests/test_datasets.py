@@ -228,9 +228,19 @@ def offline(monkeypatch):
 
 
 def test_default_never_touches_the_network(tmp_path, offline):
-    with pytest.raises(DatasetError, match="pass download=True"):
+    with pytest.raises(DatasetError, match=f"lbgm fetch-data --dataset cifar10 --data-dir {tmp_path}"):
         load_dataset("cifar10", "train", tmp_path)
     assert offline == []
+
+
+def test_fetch_data_offline_is_one_line_and_exit_2(tmp_path, offline, capsys):
+    from lbgm.cli.main import main
+
+    assert main(["fetch-data", "--dataset", "cifar10", "--data-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("lbgm fetch-data: error: cifar10 train split: missing")
+    assert "Network is unreachable" in error and "Traceback" not in error
+    assert offline == [("www.cs.toronto.edu", 443)]
 
 
 def test_download_offline_fails_fast_naming_files_folder_and_writability(tmp_path, offline):
