@@ -1,0 +1,54 @@
+"""A SubmitUpdate-only aggregator for benchmarks, served in its own process.
+
+It parses every upload with the server's own read_update_header and
+read_update_body, under the server's gRPC options, so a benchmark pays the
+real transport and parsing cost; it skips authentication, judging and
+aggregation, which are not transport (a full `lbgm server` would also need a
+model whose one layer holds N values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent import futures
+from multiprocessing.connection import Connection
+
+import grpc
+
+from lbgm.common.grpc_options import SERVER_OPTIONS
+from lbgm.common.wire import MalformedStream, read_update_body, read_update_header
+from lbgm.v1 import lbgm_pb2 as pb
+from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
+
+from bench.common import wait_for_stop
+
+HOST = "127.0.0.1"
+
+
+class BenchAggregator(pb_grpc.AggregatorServicer):
+    """SubmitUpdate parsed as the real service parses it; every other method stays UNIMPLEMENTED."""
+
+    def __init__(self, max_tensor_bytes: int) -> None:
+        self.max_tensor_bytes = max_tensor_bytes  # the real service allows the largest layer at 8 bytes per value
+
+    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdatePart], context: grpc.ServicerContext) -> pb.UpdateAck:
+        stream = iter(request_iterator)
+        try:
+            # A benchmark upload holds one layer, so the bound on a whole upload is that on one tensor.
+            update = read_update_body(read_update_header(stream), stream, self.max_tensor_bytes,
+                                      self.max_tensor_bytes)
+        except MalformedStream as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return pb.UpdateAck(round=update.header.round, full_units=len(update.full),
+                            scalar_units=len(update.scalars))
+
+
+def serve(connection: Connection, max_tensor_bytes: int) -> None:
+    """Child-process entry point (see bench.common.child_server): serve on a free loopback port until STOP."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=SERVER_OPTIONS)
+    pb_grpc.add_AggregatorServicer_to_server(BenchAggregator(max_tensor_bytes), server)
+    port = server.add_insecure_port(f"{HOST}:0")
+    server.start()
+    connection.send(port)
+    wait_for_stop(connection)
+    server.stop(grace=1).wait()
