@@ -97,12 +97,15 @@ class Placement:
 
 
 def run_federation(config: ExperimentConfig, out_dir: Path, processes: int, log_level: str,
-                   log_format: str) -> int:
+                   log_format: str, resume: bool = False) -> int:
+    """`lbgm run`: the server and `processes` worker processes on this host; `resume` continues from the
+    run folder's checkpoint."""
     processes = processes or min(config.workers, MAX_DEFAULT_PROCESSES)
     if not 1 <= processes <= config.workers:
         raise UsageError(f"--processes must lie in [1, workers={config.workers}], got {processes}")
     groups = worker_groups(config.workers, processes)
-    placement = Placement(tuple(WorkerProcess(f"proc{index}", count) for index, count in enumerate(groups)))
+    placement = Placement(tuple(WorkerProcess(f"proc{index}", count) for index, count in enumerate(groups)),
+                          server_args=("--resume",) if resume else ())
     return launch(config, out_dir, placement, log_level, "lbgm run", log_format)
 
 

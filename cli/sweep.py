@@ -5,7 +5,8 @@ values) and from repeated --grid KEY=V1,V2 options, which replace a file axis
 of the same key. Every grid point is a real federation (`run_federation`: a
 server and worker processes over localhost gRPC) in a folder named after the
 point, so starting the same sweep again skips the points whose folder already
-holds a finished run of the same settings.
+holds a finished run of the same settings and continues an interrupted one from
+its last checkpoint.
 """
 
 from __future__ import annotations
@@ -155,16 +156,22 @@ def run_point(config: ExperimentConfig, out_dir: Path, processes: int, log_level
               log_format: str) -> Outcome:
     """One grid point as a real `lbgm run`; a failure is an outcome, not an exception, so the others run."""
     from lbgm.cli.launcher import run_federation
+    from lbgm.server.checkpoint import CheckpointStore
 
     run_dir = out_dir / config.name
     summary = read_summary(run_dir)
     if is_complete(summary, config):
         return Outcome(config.name, "skipped", f"already complete in {run_dir}")
-    if summary is not None:
+    resumable_round = CheckpointStore.of_run(run_dir).resumable_round(config)
+    if resumable_round is not None:
+        print(f"lbgm sweep: resuming {config.name} from its checkpoint after round {resumable_round}",
+              file=sys.stderr)
+    elif summary is not None:
         print(f"lbgm sweep: {run_dir} holds a run of other settings; running it again", file=sys.stderr)
     started = time.monotonic()
     try:
-        status = run_federation(config, out_dir, processes, log_level, log_format)
+        status = run_federation(config, out_dir, processes, log_level, log_format,
+                                resume=resumable_round is not None)
     except (RuntimeError, OSError) as error:
         first_line = f"{type(error).__name__}: {error}".splitlines()[0].rstrip(":")
         return Outcome(config.name, "failed", f"{first_line}; logs in {run_dir / 'logs'}")
@@ -202,8 +209,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "sweep", help="run a grid of experiments (each a real `lbgm run`) and tabulate them",
         description="Run every combination of the --grid values and of the [sweep] table of --config "
                     "(e.g. delta = [0.0, 0.2], seed = [0, 1]), one `lbgm run` after another, in folders "
-                    "named <name>-<key><value>-...; finished runs of the same settings are skipped, so an "
-                    "interrupted sweep is resumed by starting it again.")
+                    "named <name>-<key><value>-...; finished runs of the same settings are skipped and a run "
+                    "interrupted after a checkpoint continues from it, so an interrupted sweep is resumed "
+                    "by starting it again.")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                        help="a setting and its values (repeatable); replaces the [sweep] entry of the same key "
                             "and any --KEY flag")

@@ -78,6 +78,20 @@ class CheckpointStore:
     def exists(self) -> bool:
         return self.manifest_path.exists()
 
+    def resumable_round(self, config: ExperimentConfig) -> int | None:
+        """The rounds completed by a readable checkpoint of exactly this experiment, else None: lets
+        `lbgm sweep` continue an interrupted run instead of starting it again."""
+        if not self.exists():
+            return None
+        try:
+            manifest = load(self.manifest_path)
+        except Exception:  # noqa: BLE001 - unreadable means "not resumable"; the run starts afresh
+            return None
+        if manifest.get("format") != FORMAT_VERSION or config_differences(manifest["config"],
+                                                                           dataclasses.asdict(config)):
+            return None
+        return int(manifest["completed_rounds"])
+
     def clear(self) -> None:
         """Forget a previous run's checkpoint (a fresh run must not inherit its LBG files)."""
         if self.directory.exists():

@@ -4,7 +4,9 @@ checkpoint and the run finishes as if nothing had happened."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 from lbgm.common.config import ExperimentConfig, config_to_toml
+from lbgm.server.checkpoint import CheckpointStore
 from lbgm.sim.federation import simulate
 
 from conftest import FAST, lbgm, start_server, start_worker
@@ -117,3 +120,34 @@ def test_resume_refuses_a_checkpoint_of_another_experiment(tmp_path, processes):
     assert "local_lr was 0.5, now 0.1" in result.stderr
     assert "Traceback" not in result.stderr
     assert (server.run_dir / "summary.json").exists()  # the finished run is untouched
+
+
+def test_a_sweep_killed_mid_run_continues_that_run_from_its_checkpoint(tmp_path):
+    """A whole sweep (its server and workers too) dies as on a reboot; starting it again resumes the
+    unfinished run instead of repeating its rounds; a checkpoint of other settings is not resumed."""
+    base = tmp_path / "base.toml"
+    config = ExperimentConfig(name="long", workers=2, rounds=40, delta=0.5, **FAST)
+    base.write_text(config_to_toml(config))
+    runs = tmp_path / "runs"
+    command = lbgm("sweep", "--config", str(base), "--grid", "seed=0", "--out-dir", str(runs),
+                   "--processes", "1", "--log-level", "WARNING")
+    sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run_dir = runs / "long-seed0"
+    try:
+        wait_for_rounds(run_dir, 3)
+    finally:
+        os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait()
+    assert not (run_dir / "summary.json").exists()
+    store = CheckpointStore.of_run(run_dir)
+    checkpointed = store.resumable_round(dataclasses.replace(config, name="long-seed0"))
+    assert checkpointed is not None and 1 <= checkpointed < config.rounds
+    assert store.resumable_round(dataclasses.replace(config, name="long-seed0", local_lr=0.1)) is None
+    kept = read_records(run_dir)[:checkpointed]
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming long-seed0 from its checkpoint after round {checkpointed}" in again.stderr
+    records = read_records(run_dir)
+    assert [r["round"] for r in records] == list(range(1, config.rounds + 1))
+    assert records[:checkpointed] == kept  # the checkpointed rounds were not trained again
