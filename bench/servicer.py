@@ -4,7 +4,8 @@ It parses every upload with the server's own read_update_header and
 read_update_body, under the server's gRPC options, so a benchmark pays the
 real transport and parsing cost; it skips authentication, judging and
 aggregation, which are not transport (a full `lbgm server` would also need a
-model whose one layer holds N values).
+model whose one layer holds N values). A second method, Sink/Drain, only counts
+the bytes of a stream: the floor gRPC itself sets, with no protobuf at all.
 """
 
 from __future__ import annotations
@@ -43,10 +44,24 @@ class BenchAggregator(pb_grpc.AggregatorServicer):
                             scalar_units=len(update.scalars))
 
 
+SINK_METHOD = "/lbgm.bench.Sink/Drain"
+
+
+def drain(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    """gRPC's own floor: the stream's bytes are received and dropped, nothing is deserialized."""
+    return sum(len(message) for message in request_iterator).to_bytes(8, "little")
+
+
+def sink_handler() -> grpc.GenericRpcHandler:
+    service, method = SINK_METHOD.strip("/").split("/")
+    return grpc.method_handlers_generic_handler(service, {method: grpc.stream_unary_rpc_method_handler(drain)})
+
+
 def serve(connection: Connection, max_tensor_bytes: int) -> None:
     """Child-process entry point (see bench.common.child_server): serve on a free loopback port until STOP."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=SERVER_OPTIONS)
     pb_grpc.add_AggregatorServicer_to_server(BenchAggregator(max_tensor_bytes), server)
+    server.add_generic_rpc_handlers((sink_handler(),))
     port = server.add_insecure_port(f"{HOST}:0")
     server.start()
     connection.send(port)

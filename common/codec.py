@@ -65,13 +65,26 @@ def tensor_meta(tensor: torch.Tensor) -> pb.TensorMeta:
     )
 
 
-def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
-    """Raw little-endian bytes of a (CPU) tensor, in row-major order."""
+def tensor_view(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a (CPU) tensor in row-major order, without copying them when the
+    tensor is already contiguous: senders slice this view straight into their messages."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     raw = flat.view(torch.uint8).numpy()
     if sys.byteorder == "big" and flat.element_size() > 1:
         raw = flat.numpy().byteswap().view("uint8")  # pragma: no cover - LE hosts
-    return raw.tobytes()
+    return memoryview(raw).cast("B")
+
+
+def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
+    """Raw little-endian bytes of a (CPU) tensor, in row-major order."""
+    return tensor_view(tensor).tobytes()
+
+
+def payload_view(tensors: Sequence[torch.Tensor]) -> memoryview:
+    """The bytes of tensors sent back to back as one payload; copies only when there are several."""
+    if len(tensors) == 1:
+        return tensor_view(tensors[0])
+    return memoryview(b"".join(tensor_view(tensor) for tensor in tensors))
 
 
 def tensor_from_bytes(data: bytes | bytearray, meta: pb.TensorMeta) -> torch.Tensor:
@@ -95,8 +108,9 @@ def tensor_from_bytes(data: bytes | bytearray, meta: pb.TensorMeta) -> torch.Ten
     return flat.view(dtype).reshape(shape)
 
 
-def split_chunks(data: bytes, chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
-    """The payload cut into pieces of at most chunk_bytes (at least one piece)."""
+def split_chunks(data: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> list[bytes | memoryview]:
+    """The payload cut into pieces of at most chunk_bytes (at least one piece); slices of a memoryview
+    are views, not copies."""
     if len(data) <= chunk_bytes:
         return [data]
     return [data[start:start + chunk_bytes] for start in range(0, len(data), chunk_bytes)]
@@ -116,20 +130,23 @@ class PayloadAssembler:
         self.nbytes = sum(meta.nbytes for meta in self.metas)
         if self.nbytes > max_bytes:
             raise CodecError(f"payload announces {self.nbytes} bytes, limit is {max_bytes}")
-        self._buffer = bytearray()
+        self._buffer = bytearray(self.nbytes)  # allocated once: each chunk is then a single copy
+        self._received = 0
 
     def add(self, data: bytes) -> None:
-        if len(self._buffer) + len(data) > self.nbytes:
-            raise CodecError(
-                f"payload announced {self.nbytes} bytes but more arrived ({len(self._buffer) + len(data)} so far)"
-            )
-        self._buffer += data
+        end = self._received + len(data)
+        if end > self.nbytes:
+            raise CodecError(f"payload announced {self.nbytes} bytes but more arrived ({end} so far)")
+        self._buffer[self._received:end] = data
+        self._received = end
 
     @property
     def complete(self) -> bool:
-        return len(self._buffer) == self.nbytes
+        return self._received == self.nbytes
 
     def tensors(self) -> list[torch.Tensor]:
+        if not self.complete:
+            raise CodecError(f"payload announced {self.nbytes} bytes, {self._received} arrived")
         if len(self.metas) == 1:  # the common case: no slicing copy
             return [tensor_from_bytes(self._buffer, self.metas[0])]
         out, start = [], 0

@@ -16,13 +16,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import grpc
 import torch
 
-from lbgm.common.codec import CodecError, PayloadAssembler, split_chunks, tensor_meta, tensor_to_bytes
+from lbgm.common.codec import (
+    CodecError, PayloadAssembler, payload_view, split_chunks, tensor_meta, tensor_to_bytes,
+)
 from lbgm.v1 import lbgm_pb2 as pb
 
 GRPC_FRAME_BYTES = 5  # compressed-flag byte + 4-byte length before every message
 Part = TypeVar("Part", pb.TaskPart, pb.UpdatePart)
+Chunk = TypeVar("Chunk", pb.UpdatePart, bytes)
 
 
 class MalformedStream(ValueError):
@@ -159,19 +163,20 @@ class ScalarEntry:
     lbg_version: int
 
 
-def update_parts(
+def _update_stream(
     header: pb.UpdateHeader, full: Sequence[FullLayer], scalars: Sequence[ScalarEntry],
-    buffers: Sequence[torch.Tensor] = (),
-) -> Iterator[pb.UpdatePart]:
-    """UpdateHeader, every full layer in chunks, one packed ScalarUpdate, then model buffers."""
+    buffers: Sequence[torch.Tensor], chunk_part: Callable[[memoryview], Chunk],
+) -> Iterator[pb.UpdatePart | Chunk]:
+    """UpdateHeader, every full layer in chunks, one packed ScalarUpdate, then model buffers; the
+    TensorChunk parts of full layers, nearly all of an upload's bytes, are made by `chunk_part`."""
     yield pb.UpdatePart(header=header)
     for item in full:
-        chunks = split_chunks(b"".join(tensor_to_bytes(part) for part in item.parts))
+        chunks = split_chunks(payload_view(item.parts))
         yield pb.UpdatePart(full=pb.FullGradient(
             layer=item.layer, lbg_version=item.lbg_version, codec=item.codec,
-            parts=[tensor_meta(part) for part in item.parts], data=chunks[0]))
+            parts=[tensor_meta(part) for part in item.parts], data=bytes(chunks[0])))
         for chunk in chunks[1:]:
-            yield pb.UpdatePart(chunk=pb.TensorChunk(data=chunk))
+            yield chunk_part(chunk)
     if scalars:
         yield pb.UpdatePart(scalars=pb.ScalarUpdate(
             units=[s.unit for s in scalars], rhos=[s.rho for s in scalars],
@@ -179,6 +184,60 @@ def update_parts(
     for index, buffer in enumerate(buffers):
         yield from _model_tensor_parts(index, EncodedTensor.of(buffer), lambda t: pb.UpdatePart(buffer=t),
                                        lambda c: pb.UpdatePart(chunk=c))
+
+
+def update_parts(
+    header: pb.UpdateHeader, full: Sequence[FullLayer], scalars: Sequence[ScalarEntry],
+    buffers: Sequence[torch.Tensor] = (),
+) -> Iterator[pb.UpdatePart]:
+    """One upload as messages (for tests, tools and accounting)."""
+    return _update_stream(header, full, scalars, buffers,
+                          lambda data: pb.UpdatePart(chunk=pb.TensorChunk(data=bytes(data))))
+
+
+def serialized_update_parts(
+    header: pb.UpdateHeader, full: Sequence[FullLayer], scalars: Sequence[ScalarEntry],
+    buffers: Sequence[torch.Tensor] = (),
+) -> Iterator[bytes]:
+    """The same upload already serialized, for `submit_update_call`: chunk parts are encoded straight
+    from the tensor's memory in one copy, where building and serializing messages takes three."""
+    for part in _update_stream(header, full, scalars, buffers, encode_chunk_part):
+        yield part if isinstance(part, bytes) else part.SerializeToString()
+
+
+def _key(field: int) -> bytes:
+    """A length-delimited field's key in protobuf's wire format."""
+    return _varint(field << 3 | 2)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_CHUNK_KEY = _key(pb.UpdatePart.DESCRIPTOR.fields_by_name["chunk"].number)
+_CHUNK_DATA_KEY = _key(pb.TensorChunk.DESCRIPTOR.fields_by_name["data"].number)
+
+
+def encode_chunk_part(data: memoryview) -> bytes:
+    """UpdatePart(chunk=TensorChunk(data=data)).SerializeToString(), byte for byte, with one copy of data."""
+    inner = [_CHUNK_DATA_KEY, _varint(len(data)), data]
+    inner_bytes = sum(len(piece) for piece in inner)
+    return b"".join([_CHUNK_KEY, _varint(inner_bytes), *inner])
+
+
+SUBMIT_UPDATE_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Aggregator'].full_name}/SubmitUpdate"
+
+
+def submit_update_call(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable:
+    """Aggregator.SubmitUpdate taking `serialized_update_parts` as they are (the generated stub would
+    serialize messages itself); the server sees the very same messages."""
+    return channel.stream_unary(SUBMIT_UPDATE_METHOD, request_serializer=lambda part: part,
+                                response_deserializer=pb.UpdateAck.FromString)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.grpc_options import CHANNEL_OPTIONS, ERROR_DETAIL_KEY, PROTOCOL
-from lbgm.common.wire import ScalarEntry, read_task, update_parts
+from lbgm.common.wire import ScalarEntry, read_task, submit_update_call, update_parts
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 from lbgm.worker.client import VirtualWorker, error_detail
@@ -41,8 +41,9 @@ def test_stale_scalar_is_refused_and_worker_recovers(server):
     worker = VirtualWorker("solo", server.target)
     with grpc.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.AggregatorStub(channel)
+        submit = submit_update_call(channel)
         worker.join(stub)
-        worker.run_round(stub, next_task(stub, worker))  # round 1: everything full, LBG version 1
+        worker.run_round(submit, next_task(stub, worker))  # round 1: everything full, LBG version 1
 
         task = next_task(stub, worker)
         assert task.task.round == 2
@@ -60,11 +61,11 @@ def test_stale_scalar_is_refused_and_worker_recovers(server):
         # it resends unit 2 in full, and the round is accepted.
         lbg = worker.encoder.lbgs[2]
         worker.encoder.lbgs[2] = dataclasses.replace(lbg, version=lbg.version + 5)
-        worker.run_round(stub, task)
+        worker.run_round(submit, task)
         assert worker.stats.stale_resends == 1 and worker.stats.refused_rounds == 0
         assert worker.encoder.lbgs[2].version == 2 and worker.encoder.lbgs[0].version == 1
 
-        worker.run_round(stub, next_task(stub, worker))  # round 3: all scalars against matching versions
+        worker.run_round(submit, next_task(stub, worker))  # round 3: all scalars against matching versions
     assert server.process.wait(timeout=60) == 0
     records = [json.loads(line) for line in (server.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[1]["refused"] == {"STALE_LBG": 2}

@@ -5,10 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from lbgm.common.codec import tensor_to_bytes
+from lbgm.common.codec import CHUNK_BYTES, tensor_to_bytes
 from lbgm.common.lookback import LookbackGradient, decision_units
 from lbgm.common.wire import (
-    FullLayer, MalformedStream, ReceivedUpdate, ScalarEntry, read_update_body, read_update_header, update_parts,
+    FullLayer, MalformedStream, ReceivedUpdate, ScalarEntry, read_update_body, read_update_header,
+    serialized_update_parts, update_parts,
 )
 from lbgm.server.updates import UpdateRejected, UploadRules, judge_update
 from lbgm.v1 import lbgm_pb2 as pb
@@ -184,3 +185,21 @@ def test_tensor_over_the_limit_is_refused_before_buffering():
     stream = parts_of(header(), pb.UpdatePart(full=pb.FullGradient(layer=0, lbg_version=1, parts=[meta])))
     with pytest.raises(MalformedStream, match="limit"):
         read_update_body(read_update_header(stream), stream, 1 << 20)
+
+
+@pytest.mark.parametrize("tail_bytes", [1, 127, 128, 16_383, 16_384, CHUNK_BYTES - 1, CHUNK_BYTES])
+def test_serialized_upload_is_byte_for_byte_the_message_stream(tail_bytes):
+    """The worker's one-copy encoding must be exactly what protobuf would send, for every varint width
+    of a chunk's length, and parse back to the same tensors."""
+    payload = torch.randint(0, 256, (2 * CHUNK_BYTES + tail_bytes,), dtype=torch.uint8)
+    packed = (torch.arange(6, dtype=torch.int32), torch.ones(6))  # a compressor's payload: several parts
+    full = [FullLayer.dense(0, 3, payload), FullLayer(1, 0, pb.TOPK, packed)]
+    scalars = [ScalarEntry(2, 0.5, 1)]
+    buffers = [torch.full((CHUNK_BYTES // 4 + 5,), 2.0)]
+    messages = [part.SerializeToString() for part in update_parts(header(), full, scalars, buffers)]
+    serialized = list(serialized_update_parts(header(), full, scalars, buffers))
+    assert serialized == messages and len(serialized) == 1 + 3 + 1 + 1 + 2
+    stream = (pb.UpdatePart.FromString(data) for data in serialized)
+    update = read_update_body(read_update_header(stream), stream, max_tensor_bytes=4 * CHUNK_BYTES)
+    assert torch.equal(update.full[0].parts[0], payload)
+    assert [torch.equal(a, b) for a, b in zip(update.full[1].parts, packed, strict=True)] == [True, True]

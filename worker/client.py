@@ -27,7 +27,7 @@ from lbgm.common.models import build_model, model_fingerprint
 from lbgm.common.state_files import lbgs_from_state, lbgs_to_state, save_atomic
 from lbgm.common.state_files import load as load_state
 from lbgm.common.tls import ChannelTls, open_channel
-from lbgm.common.wire import ReceivedTask, read_task, update_parts
+from lbgm.common.wire import ReceivedTask, read_task, serialized_update_parts, submit_update_call
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 from lbgm.worker.encoder import EncodedRound, LbgmEncoder, compressor_settings
@@ -146,6 +146,7 @@ class VirtualWorker:
     def run(self) -> WorkerStats:
         with open_channel(self.target, self.tls) as channel:
             stub = pb_grpc.AggregatorStub(channel)
+            submit = submit_update_call(channel)
             self.join(stub)
             while not self.stop.is_set():
                 request = pb.TaskRequest(worker_id=self.worker_id, token=self.token, max_wait_seconds=self.poll_seconds)
@@ -163,10 +164,10 @@ class VirtualWorker:
                     log.info("%s: %s", self.name, result.reason)
                     break
                 if result is not None:
-                    self.run_round(stub, result)
+                    self.run_round(submit, result)
         return self.stats
 
-    def run_round(self, stub: pb_grpc.AggregatorStub, received: ReceivedTask) -> None:
+    def run_round(self, submit: grpc.StreamUnaryMultiCallable, received: ReceivedTask) -> None:
         task = received.task
         settings = task.settings
         with self.training_slots:
@@ -182,8 +183,8 @@ class VirtualWorker:
             encoded = self.encoder.encode(gradient, task.round, settings.delta, wire_dtype, force_full,
                                           settings.error_feedback)
             try:
-                self._call(lambda: stub.SubmitUpdate(update_parts(header, encoded.full, encoded.scalars, buffers),
-                                                     timeout=task.seconds_to_deadline + 30), "upload")
+                self._call(lambda: submit(serialized_update_parts(header, encoded.full, encoded.scalars, buffers),
+                                          timeout=task.seconds_to_deadline + 30), "upload")
             except grpc.RpcError as error:
                 detail = error_detail(error)
                 reason = detail.reason if detail else pb.ErrorDetail.REASON_UNSPECIFIED
