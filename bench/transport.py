@@ -190,6 +190,28 @@ def table(results: list[dict[str, Any]]) -> str:
           f"{r['encode_mb_per_s']:,.0f}", f"{r['parse_mb_per_s']:,.0f}"] for r in results])
 
 
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Grouped bars per upload size: raw socket, bare gRPC and the real upload, MB/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [("raw_mb_per_s", "raw TCP socket"), ("bare_grpc_mb_per_s", "bare gRPC (bytes only)"),
+             ("grpc_mb_per_s", "gRPC upload (encode + parse)")]
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(paths)
+    for offset, (key, label) in enumerate(paths):
+        axes.bar([i + offset * width for i in range(len(results))], [r[key] for r in results], width, label=label)
+    axes.set_xticks([i + width for i in range(len(results))], [f"{r['floats']:,} floats" for r in results])
+    axes.set_ylabel("MB/s (median)")
+    axes.set_title("FullGradient upload over loopback")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.transport", description=__doc__,

@@ -9,6 +9,7 @@ benchmarks use this as the reference for the distributed system.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
     velocity = None
     ids = sorted(workers)
     for number in range(1, config.rounds + 1):
+        started = time.monotonic()
         sampled = sample_workers(ids, config.fraction, config.seed, number)
         accepted = []
         for worker_id in sampled:
@@ -103,5 +105,6 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
         if evaluate_every_round or number == config.rounds:
             load_state(model, result.params, result.buffers)
             record["test_accuracy"], record["test_loss"] = evaluate(model, test, config.eval_batch_size)
+        record["round_seconds"] = time.monotonic() - started
         result.rounds.append(record)
     return result
