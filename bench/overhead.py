@@ -48,10 +48,10 @@ RELATIVE_TOLERANCE = 1e-4
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def experiment(workers: int, rounds: int, data_dir: Path | None, checkpoint_every: int) -> ExperimentConfig:
-    """The paper's MNIST CNN setting at `workers` workers; the 12k-image embedded MNIST without data_dir."""
+def experiment(model: str, workers: int, rounds: int, data_dir: Path | None, checkpoint_every: int) -> ExperimentConfig:
+    """The paper's MNIST setting at `workers` workers; the 12k-image embedded MNIST without data_dir."""
     dataset = {"dataset": "mnist", "data_dir": str(data_dir)} if data_dir else {"dataset": "mnist-embedded"}
-    return ExperimentConfig(name=f"overhead-k{workers}", model="cnn", partition="shards", classes_per_worker=3,
+    return ExperimentConfig(name=f"overhead-k{workers}", model=model, partition="shards", classes_per_worker=3,
                             workers=workers, rounds=rounds, local_steps=1, batch_size=0, local_lr=0.01,
                             server_momentum=0.9, delta=0.2, error_feedback=True, round_timeout=3600.0,
                             checkpoint_every=checkpoint_every, **dataset)
@@ -85,7 +85,7 @@ def compare(config: ExperimentConfig, work_dir: Path, processes: int) -> dict[st
     sim_median = statistics.median(sim_seconds[1:])
     ratio = system_median / sim_median
     return {
-        "workers": config.workers, "rounds": config.rounds, "dataset": config.dataset, "processes": processes,
+        "model": config.model, "workers": config.workers, "rounds": config.rounds, "dataset": config.dataset, "processes": processes,
         "checkpoint_every": config.checkpoint_every,
         "system_round_seconds": system_seconds, "sim_round_seconds": sim_seconds,
         "system_median_seconds": system_median, "sim_median_seconds": sim_median,
@@ -98,9 +98,9 @@ def compare(config: ExperimentConfig, work_dir: Path, processes: int) -> dict[st
 
 def table(results: list[dict[str, Any]]) -> str:
     return markdown_table(
-        ["workers", "data", "rounds", "gRPC s/round", "simulation s/round", "gRPC / sim", f"<= {TARGET_RATIO}x",
+        ["model", "workers", "data", "rounds", "gRPC s/round", "simulation s/round", "gRPC / sim", f"<= {TARGET_RATIO}x",
          "largest param difference", "models agree"],
-        [[r["workers"], r["dataset"], r["rounds"], f"{r['system_median_seconds']:.2f}",
+        [[r["model"], r["workers"], r["dataset"], r["rounds"], f"{r['system_median_seconds']:.2f}",
           f"{r['sim_median_seconds']:.2f}", f"{r['ratio']:.2f}x", "met" if r["meets_target"] else "missed",
           f"{r['max_param_difference']:.1e}", "yes" if r["models_agree"] else "NO"] for r in results])
 
@@ -109,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run from the repository root. Example: python -m bench.overhead --workers 10 --rounds 3")
+    parser.add_argument("--model", default="cnn", help="model to train (default: cnn, the issue's setting)")
     parser.add_argument("--workers", nargs="+", type=int, default=[10, 50], metavar="K",
                         help="worker counts to compare (default: 10 50)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run; rounds 2.. are timed (default: 4)")
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     info = run_info()
     results = []
     for workers in args.workers:
-        config = experiment(workers, args.rounds, args.data_dir, args.checkpoint_every)
+        config = experiment(args.model, workers, args.rounds, args.data_dir, args.checkpoint_every)
         results.append(compare(config, args.work_dir, min(args.processes, workers)))
         print(table(results[-1:]), flush=True)
     print(table(results))

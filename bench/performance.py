@@ -50,7 +50,7 @@ BENCHMARKS = (
               "parameter tensor of the model; latency is one such upload's round trip over loopback."),
     Benchmark("overhead", "3. System overhead: the gRPC system vs the in-process simulation",
               "the gRPC system within 1.25x of the simulation, with the same final model",
-              ("--workers", "2", "--rounds", "2", "--embedded"),
+              ("--model", "mlp", "--workers", "2", "--rounds", "2", "--embedded"),
               "Both run the same experiment (CNN, 3 classes per worker, reference preset, delta 0.2) in the "
               "same invocation; seconds per round are medians of rounds 2 onwards, and the final models are "
               "compared parameter by parameter."),
