@@ -44,3 +44,47 @@ def test_scalar_path_bytes_add_up_and_latencies_are_measured(tmp_path: Path) -> 
         assert len(row["latency_seconds"]) == 20
         assert 0 < row["latency_median_ms"] <= row["latency_p90_ms"]
     assert "| resnet18 | 62 |" in printed
+
+
+def test_scale_mirrors_hold_k_model_copies_and_float16_halves_them(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    printed = run_bench("scale", "--workers", "2", "4", "--rounds", "2", "--processes", "1",
+                        "--work-dir", str(tmp_path / "runs"), "--out", str(out)).stdout
+    result = json.loads(out.read_text())
+    runs = {(row["workers"], row["wire_dtype"]): row for row in result["results"]}
+    assert set(runs) == {(k, dtype) for k in (2, 4) for dtype in ("float32", "float16")}
+    for (k, dtype), row in runs.items():
+        assert row["model_bytes"] == row["model_parameters"] * {"float32": 4, "float16": 2}[dtype]
+        assert row["mirror_bytes"] == row["k_model_bytes"] == k * row["model_bytes"] and row["mirrors_match"]
+        assert row["peak_rss_bytes"] > row["mirror_bytes"] > 0
+        assert len(row["round_seconds"]) == 2 and row["median_round_seconds"] > 0
+    for k in (2, 4):
+        assert 2 * runs[k, "float16"]["mirror_bytes"] == runs[k, "float32"]["mirror_bytes"]
+    assert {(s["workers"], s["mirror_bytes_ratio"]) for s in result["savings"]} == {(2, 0.5), (4, 0.5)}
+    for grown in result["growth"].values():
+        assert grown["mirror_bytes_per_worker"] == pytest.approx(grown["model_bytes"])
+        assert grown["peak_rss_bytes_per_worker"] is not None and grown["median_round_seconds_per_worker"] is not None
+    assert "| 4 | float16 |" in printed and "Growth with K" in printed
+
+
+def test_overhead_and_profile_run_and_the_document_renders_every_section(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    run_bench("overhead", "--model", "mlp", "--workers", "2", "--rounds", "2", "--embedded",
+              "--work-dir", str(tmp_path / "runs"), "--out", str(results / "overhead.json"))
+    [overhead] = json.loads((results / "overhead.json").read_text())["results"]
+    assert overhead["models_agree"], overhead  # the gRPC system and the simulation end with the same model
+    assert len(overhead["system_round_seconds"]) == len(overhead["sim_round_seconds"]) == 2
+    assert overhead["ratio"] == pytest.approx(overhead["system_median_seconds"] / overhead["sim_median_seconds"])
+
+    run_bench("profile", "--workers", "2", "--repeats", "1", "--top", "5", "--out", str(results / "profile.json"))
+    [profile] = json.loads((results / "profile.json").read_text())["results"]
+    assert len(profile["top_functions"]) == 5 and all(step["seconds"] > 0 for step in profile["steps"])
+    assert {e["encoding"].split(":")[0] for e in profile["encodings"]} == {"before", "after"}
+
+    document = tmp_path / "PERFORMANCE.md"
+    run_bench("performance", "--render", "--results-dir", str(results), "--out", str(document))
+    text = document.read_text()
+    for title in ("1. Transport", "2. Scalar path", "3. System overhead", "5. Scale", "6. Profile"):
+        assert f"## {title}" in text
+    assert text.count("Not measured yet") == 3  # transport, scalar path and scale were not run here
+    assert "| mlp | 2 | mnist-embedded | 2 |" in text
