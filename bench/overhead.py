@@ -96,6 +96,15 @@ def compare(config: ExperimentConfig, work_dir: Path, processes: int) -> dict[st
     }
 
 
+def verdict(results: list[dict[str, Any]]) -> str:
+    """One line for the document's summary."""
+    ratios = ", ".join(f"{r['workers']} workers {r['ratio']:.2f}x" for r in results)
+    agree = all(r["models_agree"] for r in results)
+    met = all(r["meets_target"] for r in results)
+    return (f"gRPC system / simulation seconds per round: {ratios}; final models "
+            f"{'agree' if agree else 'DIFFER'}. " + ("Target met." if met and agree else "Target missed."))
+
+
 def table(results: list[dict[str, Any]]) -> str:
     return markdown_table(
         ["model", "workers", "data", "rounds", "gRPC s/round", "simulation s/round", "gRPC / sim", f"<= {TARGET_RATIO}x",

@@ -135,6 +135,18 @@ def measure(model_name: str, workers: int, repeats: int, top: int) -> dict[str, 
     }
 
 
+def verdict(results: list[dict[str, Any]]) -> str:
+    """One line for the document's summary: the encoding fix, before vs after."""
+    lines = []
+    for result in results:
+        by_payload: dict[str, dict[str, float]] = {}
+        for e in result["encodings"]:
+            by_payload.setdefault(e["payload"], {})[e["encoding"].split(":")[0]] = e["mb_per_s"]
+        lines += [f"{payload}: {speeds['before']:,.0f} -> {speeds['after']:,.0f} MB/s "
+                  f"({speeds['after'] / speeds['before']:.1f}x)" for payload, speeds in by_payload.items()]
+    return "Uplink encoding, before -> after the fix: " + "; ".join(lines) + "."
+
+
 def table(results: list[dict[str, Any]]) -> str:
     parts = []
     for result in results:

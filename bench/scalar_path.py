@@ -113,6 +113,16 @@ def measure(models: list[str], round_number: int, calls: int, warmup: int) -> li
     return results
 
 
+def verdict(results: list[dict[str, Any]]) -> str:
+    """One line for the document's summary."""
+    per_unit = max(r["per_unit_bytes"] for r in results) / RHO_BYTES
+    fixed = max(r["fixed_bytes"] for r in results)
+    latency = ", ".join(f"{r['model']} {r['latency_median_ms']:.2f} ms" for r in results)
+    met = per_unit <= TARGET_PER_UNIT_RATIO and fixed < TARGET_FIXED_BYTES
+    return (f"{per_unit:.2f}x the information per unit plus {fixed} fixed bytes "
+            f"({'target met' if met else 'target missed'}); median ScalarUpdate round trip: {latency}.")
+
+
 def table(results: list[dict[str, Any]]) -> str:
     return markdown_table(
         ["model", "units L", "information (L x 4 B)", "fixed B", "per unit B", "total B", "total / information",

@@ -185,6 +185,21 @@ def tables(results: list[dict[str, Any]], grown: dict[str, dict[str, Any]], save
     return f"{runs}\n\nGrowth with K (least-squares slope over K):\n\n{per_worker}"
 
 
+def verdict(results: list[dict[str, Any]]) -> str:
+    """One line for the document's summary."""
+    exact = all(r["mirrors_match"] for r in results)
+    grown = growth(results)
+    slopes = "; ".join(f"{dtype}: {megabytes(g['peak_rss_bytes_per_worker'])} MB RSS and "
+                       f"{milliseconds(g['median_round_seconds_per_worker'])} ms per round per added worker"
+                       for dtype, g in grown.items())
+    saved = max(savings(results), key=lambda s: s["workers"], default=None)
+    compact = ("" if saved is None else f" At K = {saved['workers']}, {saved['wire_dtype']} saves "
+               f"{1 - saved['mirror_bytes_ratio']:.0%} of the mirrors and {1 - saved['peak_rss_bytes_ratio']:.0%} "
+               "of peak server RSS.")
+    return (f"Mirrors {'equal' if exact else 'DO NOT equal'} K x model bytes in every run; growth: {slopes}."
+            + compact)
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """Both tables from the per-run results alone (what bench.performance renders)."""
     return tables(results, growth(results), savings(results))

@@ -190,6 +190,16 @@ def table(results: list[dict[str, Any]]) -> str:
           f"{r['encode_mb_per_s']:,.0f}", f"{r['parse_mb_per_s']:,.0f}"] for r in results])
 
 
+def verdict(results: list[dict[str, Any]]) -> str:
+    """One line for the document's summary."""
+    targeted = [r for r in results if r["target_applies"]] or results
+    shares = ", ".join(f"{r['floats']:,}: {r['ratio']:.0%} (bare gRPC {r['bare_ratio']:.0%})" for r in targeted)
+    met = all(r["meets_target"] for r in targeted)
+    return (f"gRPC upload / raw socket: {shares}. " + ("Target met." if met else
+            "Target missed: gRPC's own floor (bare gRPC, no protobuf or project code) is itself near or below "
+            f"{TARGET_RATIO:.0%} of the raw socket here, and parsing on the server adds the rest."))
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """Grouped bars per upload size: raw socket, bare gRPC and the real upload, MB/s."""
     import matplotlib
