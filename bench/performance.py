@@ -1,7 +1,7 @@
 """Every benchmark in one command, and docs/PERFORMANCE.md written from their results.
 
-Runs bench.transport, bench.scalar_path, bench.overhead and bench.scale one
-after another (each writes runs/bench/<name>.json), then renders the document:
+Runs bench.transport, bench.scalar_path, bench.overhead, bench.lab (root
+only), bench.scale and bench.profile one after another (each writes runs/bench/<name>.json), then renders the document:
 the machine, each benchmark's table, its target and verdict, the exact command
 that produced it and plots. --render rebuilds the document from the JSON files
 already there, so a benchmark can be re-run alone and the document refreshed.
@@ -24,10 +24,7 @@ import grpc
 import torch
 
 RESULTS_DIR = Path("runs/bench")
-# Item 4 runs in the network lab (root, tens of minutes per run); its state until bench.performance runs it.
-LAB_STATUS = ("not measured by this command yet; docs/MULTIHOST.md has a first 10 Mbit/s lab run (MLP, "
-              "time to 0.9 a tie, because in that short run LBGM's scalar phase begins only near the target).")
-
+NEEDS_ROOT = {"lab"}  # network namespaces
 
 @dataclass(frozen=True)
 class Benchmark:
@@ -57,6 +54,12 @@ BENCHMARKS = (
               "Both run the same experiment (CNN, 3 classes per worker, reference preset, delta 0.2) in the "
               "same invocation; seconds per round are medians of rounds 2 onwards, and the final models are "
               "compared parameter by parameter."),
+    Benchmark("lab", "4. Bandwidth-limited time to accuracy: LBGM vs delta = 0 in the network lab",
+              "LBGM at least 2x faster to the target accuracy with 10 Mbit/s uplinks",
+              ("--config", "configs/default.toml", "--hosts", "2", "--rounds", "2", "--uplinks", "100mbit",
+               "--target-accuracy", "0.1"),
+              "Each worker host is a network namespace whose uplink is capped with tbf; both runs of one cap "
+              "follow each other. Times run from the start of round 1 to the first round at the target."),
     Benchmark("scale", "5. Scale: server memory and round time against the number of workers",
               "mirrors = K model copies; a compact-mirror option and what it saves",
               ("--workers", "2", "4", "--rounds", "2", "--processes", "1"),
@@ -81,6 +84,9 @@ def machine() -> dict[str, Any]:
 
 
 def run(benchmark: Benchmark, quick: bool, results_dir: Path) -> None:
+    if benchmark.name in NEEDS_ROOT and os.geteuid() != 0:
+        print(f"\n== bench.{benchmark.name} skipped: it needs root", flush=True)
+        return
     module = importlib.import_module(f"bench.{benchmark.name}")
     args = [*(benchmark.quick_args if quick else ()), "--out", str(results_dir / f"{benchmark.name}.json")]
     print(f"\n== bench.{benchmark.name} {' '.join(args)}", flush=True)
@@ -113,8 +119,6 @@ def summary(results_dir: Path) -> str:
         module = importlib.import_module(f"bench.{benchmark.name}")
         found = module.verdict(json.loads(path.read_text())["results"]) if path.exists() else "not measured yet."
         lines.append(f"- **{benchmark.title.split(':')[0]}** ({benchmark.name}): {found}")
-        if benchmark.name == "overhead":  # item 4 comes next in the issue's order
-            lines.append(f"- **4. Bandwidth-limited time to accuracy** (network lab): {LAB_STATUS}")
     lines.append("")
     return "\n".join(lines)
 

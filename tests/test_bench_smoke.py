@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,22 @@ def test_overhead_and_profile_run_and_the_document_renders_every_section(tmp_pat
     document = tmp_path / "PERFORMANCE.md"
     run_bench("performance", "--render", "--results-dir", str(results), "--out", str(document))
     text = document.read_text()
-    for title in ("1. Transport", "2. Scalar path", "3. System overhead", "5. Scale", "6. Profile"):
+    for title in ("1. Transport", "2. Scalar path", "3. System overhead", "4. Bandwidth", "5. Scale", "6. Profile"):
         assert f"## {title}" in text
-    assert text.count("Not measured yet") == 3  # transport, scalar path and scale were not run here
+    assert text.count("Not measured yet") == 4  # transport, scalar path, lab and scale were not run here
     assert "| mlp | 2 | mnist-embedded | 2 |" in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the network lab needs root")
+def test_lab_compares_lbgm_with_delta0_under_a_capped_uplink(tmp_path: Path) -> None:
+    out = tmp_path / "lab.json"
+    printed = run_bench("lab", "--config", "configs/default.toml", "--hosts", "2", "--rounds", "2",
+                        "--uplinks", "100mbit", "--target-accuracy", "0.1", "--work-dir", str(tmp_path / "runs"),
+                        "--out", str(out)).stdout
+    [row] = json.loads(out.read_text())["results"]
+    assert (row["lbgm"]["delta"], row["baseline"]["delta"]) == (0.2, 0.0)
+    for run in (row["lbgm"], row["baseline"]):
+        assert run["rounds_completed"] == 2 and run["round_to_target"] == 1 and run["seconds_to_target"] > 0
+    assert row["speedup"] == pytest.approx(row["baseline"]["seconds_to_target"] / row["lbgm"]["seconds_to_target"])
+    assert row["meets_target"] is None  # the 2x target is stated for 10 Mbit/s
+    assert "| 100mbit |" in printed
