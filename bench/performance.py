@@ -64,7 +64,10 @@ BENCHMARKS = (
               "mirrors = K model copies; a compact-mirror option and what it saves",
               ("--workers", "2", "4", "--rounds", "2", "--processes", "1"),
               "The server holds one look-back gradient per worker and layer, stored exactly as it travelled, "
-              "so `wire_dtype = \"float16\"` halves both the uplink and the mirrors."),
+              "so `wire_dtype = \"float16\"` halves both the uplink and the mirrors. What grows besides "
+              "the mirrors (about three model copies per worker for the MLP) is not isolated yet: the round's "
+              "accepted gradients live until it closes, and memory freed by replaced mirrors may stay with "
+              "the allocator; aggregating each update as it arrives is the next lever."),
     Benchmark("profile", "6. Profile: the system's own work per round, and the fix it led to",
               "find the hot paths and fix what they show, with before/after",
               ("--workers", "2", "--repeats", "1", "--top", "5"),
