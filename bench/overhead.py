@@ -85,7 +85,8 @@ def compare(config: ExperimentConfig, work_dir: Path, processes: int) -> dict[st
     sim_median = statistics.median(sim_seconds[1:])
     ratio = system_median / sim_median
     return {
-        "model": config.model, "workers": config.workers, "rounds": config.rounds, "dataset": config.dataset, "processes": processes,
+        "model": config.model, "workers": config.workers, "rounds": config.rounds, "dataset": config.dataset,
+        "processes": processes,
         "checkpoint_every": config.checkpoint_every,
         "system_round_seconds": system_seconds, "sim_round_seconds": sim_seconds,
         "system_median_seconds": system_median, "sim_median_seconds": sim_median,
@@ -107,7 +108,8 @@ def verdict(results: list[dict[str, Any]]) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     return markdown_table(
-        ["model", "workers", "data", "rounds", "gRPC s/round", "simulation s/round", "gRPC / sim", f"<= {TARGET_RATIO}x",
+        ["model", "workers", "data", "rounds", "gRPC s/round", "simulation s/round", "gRPC / sim",
+         f"<= {TARGET_RATIO}x",
          "largest param difference", "models agree"],
         [[r["model"], r["workers"], r["dataset"], r["rounds"], f"{r['system_median_seconds']:.2f}",
           f"{r['sim_median_seconds']:.2f}", f"{r['ratio']:.2f}x", "met" if r["meets_target"] else "missed",

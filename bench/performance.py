@@ -59,8 +59,8 @@ BENCHMARKS = (
               "behind the parallelism it gains."),
     Benchmark("lab", "4. Bandwidth-limited time to accuracy: LBGM vs delta = 0 in the network lab",
               "LBGM at least 2x faster to the target accuracy with 10 Mbit/s uplinks",
-              ("--config", "configs/default.toml", "--hosts", "2", "--rounds", "2", "--uplinks", "100mbit",
-               "--target-accuracy", "0.1"),
+              ("--config", "configs/default.toml", "--hosts", "2", "--workers", "4", "--rounds", "2",
+               "--uplinks", "100mbit", "--target-accuracy", "0.1"),
               "Each worker host is a network namespace whose uplink is capped with tbf; both runs of one cap "
               "follow each other. Times run from the start of round 1 to the first round at the target."),
     Benchmark("scale", "5. Scale: server memory and round time against the number of workers",

@@ -126,7 +126,8 @@ def measure(model_name: str, workers: int, repeats: int, top: int) -> dict[str, 
         megabytes = tensor.numel() * 4 / 1e6
         for name, call in encodings(tensor).items():
             seconds = timed_median(call, repeats)
-            comparisons.append({"payload": label, "encoding": name, "seconds": seconds, "mb_per_s": megabytes / seconds})
+            comparisons.append({"payload": label, "encoding": name, "seconds": seconds,
+                                "mb_per_s": megabytes / seconds})
     return {
         "model": model_name, "workers": workers, "repeats": repeats,
         "steps": [{"step": name, "seconds": timed_median(call, repeats)} for name, call in steps.items()],
@@ -164,7 +165,8 @@ def table(results: list[dict[str, Any]]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Run from the repository root. Example: python -m bench.profile --workers 10")
+                                     epilog="Run from the repository root. "
+                                            "Example: python -m bench.profile --workers 10")
     parser.add_argument("--model", default="cnn", help="model whose round is profiled (default: cnn)")
     parser.add_argument("--workers", type=int, default=100, help="uploads per round (default: 100)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per step (default: 5)")

@@ -94,7 +94,7 @@ def test_overhead_and_profile_run_and_the_document_renders_every_section(tmp_pat
 @pytest.mark.skipif(os.geteuid() != 0, reason="the network lab needs root")
 def test_lab_compares_lbgm_with_delta0_under_a_capped_uplink(tmp_path: Path) -> None:
     out = tmp_path / "lab.json"
-    printed = run_bench("lab", "--config", "configs/default.toml", "--hosts", "2", "--rounds", "2",
+    printed = run_bench("lab", "--config", "configs/default.toml", "--hosts", "2", "--workers", "4", "--rounds", "2",
                         "--uplinks", "100mbit", "--target-accuracy", "0.1", "--work-dir", str(tmp_path / "runs"),
                         "--out", str(out)).stdout
     [row] = json.loads(out.read_text())["results"]
