@@ -110,6 +110,34 @@ def run_info() -> dict[str, Any]:
     }
 
 
+@contextmanager
+def chart(path: Path, title: str, xlabel: str, ylabel: str) -> Iterator[Any]:
+    """Matplotlib axes for one benchmark figure, written to `path` (headless) with its legend on exit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    try:
+        yield axes
+        axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(path)
+    finally:
+        plt.close(figure)
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """A benchmark's entry point: a failed run (a federation that exited, a server that never listened)
+    ends with one line on stderr and exit status 1, not a traceback."""
+    try:
+        main()
+    except (RuntimeError, OSError) as error:
+        sys.exit(f"{Path(sys.argv[0]).stem}: {error}")
+
+
 def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.common import markdown_table, run_info, write_json
+from bench.common import markdown_table, run_info, run_main, write_json
 
 TARGET_SPEEDUP = 2.0
 TARGET_UPLINK = "10mbit"  # where the issue states the 2x target
@@ -142,4 +142,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

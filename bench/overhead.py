@@ -40,7 +40,7 @@ from lbgm.common.config import ExperimentConfig
 from lbgm.common.state_files import load
 from lbgm.sim.federation import simulate
 
-from bench.common import markdown_table, run_info, write_json
+from bench.common import markdown_table, run_info, run_main, write_json
 
 TARGET_RATIO = 1.25  # the bar: the gRPC system within 1.25x of the simulation
 # Same math, different summation order only where floats allow it: both sides must agree this closely.
@@ -161,4 +161,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,6 +23,8 @@ from typing import Any
 import grpc
 import torch
 
+from bench.common import run_main
+
 RESULTS_DIR = Path("runs/bench")
 NEEDS_ROOT = {"lab"}  # network namespaces
 
@@ -176,4 +178,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

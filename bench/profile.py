@@ -45,7 +45,7 @@ from lbgm.server.updates import judge_update
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.worker.encoder import LbgmEncoder
 
-from bench.common import markdown_table, median, run_info, write_json
+from bench.common import markdown_table, median, run_info, run_main, write_json
 
 LARGE_FLOATS = 10_000_000
 
@@ -190,4 +190,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,7 +30,9 @@ from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
 from bench import servicer
-from bench.common import child_server, markdown_table, median, percentile, run_info, timed, write_json
+from bench.common import (
+    child_server, markdown_table, median, percentile, run_info, run_main, timed, write_json,
+)
 
 # The data set each model is trained on in configs/: it fixes the input shape the model is built for.
 MODEL_DATASET = {"mlp": "mnist", "fcn": "mnist", "cnn": "mnist", "resnet18": "cifar10", "vgg19_bn": "cifar10"}
@@ -169,4 +171,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -43,7 +43,7 @@ from lbgm.common.datasets import DATASET_SHAPES, NUM_CLASSES
 from lbgm.common.models import build_model
 from lbgm.server.rounds import WIRE_DTYPES as TORCH_DTYPES
 
-from bench.common import markdown_table, median, run_info, write_json
+from bench.common import chart, markdown_table, median, run_info, run_main, write_json
 
 DELTA = 0.2
 LOCAL_LR = 0.5
@@ -207,24 +207,13 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """Peak server RSS and mirror bytes against K, one line per wire dtype."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 4.5))
-    for dtype in dict.fromkeys(r["wire_dtype"] for r in results):
-        runs = sorted((r for r in results if r["wire_dtype"] == dtype), key=lambda r: r["workers"])
-        ks = [r["workers"] for r in runs]
-        axes.plot(ks, [r["peak_rss_bytes"] / MB for r in runs], marker="o", label=f"peak server RSS, {dtype}")
-        axes.plot(ks, [r["mirror_bytes"] / MB for r in runs], marker="s", linestyle="--", label=f"mirrors, {dtype}")
-    axes.set_xlabel("virtual workers K")
-    axes.set_ylabel("MB")
-    axes.set_title("Server memory against the number of workers")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    with chart(path, "Server memory against the number of workers", "virtual workers K", "MB") as axes:
+        for dtype in dict.fromkeys(r["wire_dtype"] for r in results):
+            runs = sorted((r for r in results if r["wire_dtype"] == dtype), key=lambda r: r["workers"])
+            ks = [r["workers"] for r in runs]
+            axes.plot(ks, [r["peak_rss_bytes"] / MB for r in runs], marker="o", label=f"peak server RSS, {dtype}")
+            axes.plot(ks, [r["mirror_bytes"] / MB for r in runs], marker="s", linestyle="--",
+                      label=f"mirrors, {dtype}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -268,4 +257,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -41,7 +41,9 @@ from lbgm.common.wire import (
 from lbgm.v1 import lbgm_pb2 as pb
 
 from bench import servicer
-from bench.common import child_server, markdown_table, median, parse_count, run_info, timed, write_json
+from bench.common import (
+    chart, child_server, markdown_table, median, parse_count, run_info, run_main, timed, write_json,
+)
 
 HOST = servicer.HOST
 LENGTH = struct.Struct("!Q")  # the raw protocol: 8-byte payload length, payload, one-byte ack
@@ -202,24 +204,14 @@ def verdict(results: list[dict[str, Any]]) -> str:
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """Grouped bars per upload size: raw socket, bare gRPC and the real upload, MB/s."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = [("raw_mb_per_s", "raw TCP socket"), ("bare_grpc_mb_per_s", "bare gRPC (bytes only)"),
              ("grpc_mb_per_s", "gRPC upload (encode + parse)")]
-    figure, axes = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / len(paths)
-    for offset, (key, label) in enumerate(paths):
-        axes.bar([i + offset * width for i in range(len(results))], [r[key] for r in results], width, label=label)
-    axes.set_xticks([i + width for i in range(len(results))], [f"{r['floats']:,} floats" for r in results])
-    axes.set_ylabel("MB/s (median)")
-    axes.set_title("FullGradient upload over loopback")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    with chart(path, "FullGradient upload over loopback", "upload size", "MB/s (median)") as axes:
+        for offset, (key, label) in enumerate(paths):
+            axes.bar([i + offset * width for i in range(len(results))], [r[key] for r in results], width,
+                     label=label)
+        axes.set_xticks([i + width for i in range(len(results))], [f"{r['floats']:,} floats" for r in results])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -256,4 +248,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
