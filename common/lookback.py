@@ -20,7 +20,7 @@ simulation, so all three compute bit-for-bit the same thing.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +106,30 @@ def rebuild(lbg: Sequence[torch.Tensor], rho: float) -> list[torch.Tensor]:
     return [part.to(torch.float32) * factor for part in lbg]
 
 
+@dataclass(frozen=True)
+class RebuiltGradient(Sequence[torch.Tensor]):
+    """The float32 gradient one upload stands for, made one layer at a time when read.
+
+    A layer sent in full is its payload (converted to float32 when read); a
+    layer sent as a scalar is rho times the sender's LBG, multiplied when
+    read. Holding payloads and factors instead of products is what keeps a
+    server collecting K uploads at its mirrors plus one layer, not K extra
+    model copies: each product lives only while the aggregation adds it.
+    """
+
+    sources: tuple[torch.Tensor, ...]  # per layer: the received payload or the LBG tensor
+    factors: tuple[float | None, ...]  # per layer: rho, or None for a payload taken as it came
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]  # no slices
+        rho = self.factors[index]
+        if rho is None:
+            return self.sources[index].to(torch.float32)
+        return rebuild((self.sources[index],), rho)[0]
+
+
 def aggregation_weights(num_samples: Sequence[int]) -> list[float]:
     """w_k = n_k / sum of n over the round's participants."""
     total = sum(num_samples)
@@ -114,14 +138,25 @@ def aggregation_weights(num_samples: Sequence[int]) -> list[float]:
     return [n / total for n in num_samples]
 
 
-def weighted_sum(updates: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> list[torch.Tensor]:
-    """sum_k w_k * updates[k], layer by layer, in the order given."""
+def weighted_sum(updates: Sequence[Iterable[torch.Tensor]], weights: Sequence[float]) -> list[torch.Tensor]:
+    """sum_k w_k * updates[k], layer by layer, in the order given.
+
+    Each update is read once, layer by layer, so a RebuiltGradient's
+    products exist one at a time.
+    """
     if not updates or len(updates) != len(weights):
         raise ValueError(f"need one weight per update, got {len(updates)} updates and {len(weights)} weights")
-    total = [torch.zeros_like(layer, dtype=torch.float32) for layer in updates[0]]
-    for update, weight in zip(updates, weights):
-        for acc, layer in zip(total, update, strict=True):
-            acc.add_(layer.to(torch.float32), alpha=weight)
+    total: list[torch.Tensor] = []
+    for position, (update, weight) in enumerate(zip(updates, weights)):
+        layers = 0
+        for layers, layer in enumerate(update, start=1):
+            if position == 0:
+                total.append(torch.zeros_like(layer, dtype=torch.float32))
+            elif layers > len(total):
+                raise ValueError(f"update {position} has more layers than the first ({len(total)})")
+            total[layers - 1].add_(layer.to(torch.float32), alpha=weight)
+        if layers != len(total):
+            raise ValueError(f"update {position} has {layers} layers, the first has {len(total)}")
     return total
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lbgm.common.compressors import PayloadError, decode
-from lbgm.common.lookback import LookbackGradient, Unit, rebuild
+from lbgm.common.lookback import LookbackGradient, RebuiltGradient, Unit, rebuild
 from lbgm.common.wire import ReceivedUpdate
 from lbgm.v1 import lbgm_pb2 as pb
 
@@ -41,7 +41,7 @@ class UploadRules:
 
 @dataclass(frozen=True)
 class AcceptedUpdate:
-    gradient: list[torch.Tensor]  # float32, one per layer: decoded full payload or rho * LBG
+    gradient: RebuiltGradient  # float32 when read, one per layer: decoded full payload or rho * LBG
     new_mirrors: dict[int, LookbackGradient]
     buffers: list[torch.Tensor]
     num_samples: int
@@ -120,7 +120,7 @@ def judge_update(
             raise UpdateRejected(malformed, f"rho for unit {entry.unit} is not finite: {entry.rho}")
         scalar_by_unit[entry.unit] = entry
 
-    gradient: list[torch.Tensor | None] = [None] * len(rules.layer_shapes)
+    terms: dict[int, tuple[torch.Tensor, float | None]] = {}  # layer -> (payload or LBG, rho or None)
     new_mirrors: dict[int, LookbackGradient] = {}
     stale: list[int] = []
     floats = 0
@@ -131,18 +131,18 @@ def judge_update(
             tensors = tuple(full_by_layer[layer] for layer in unit)
             new_mirrors[unit_index] = LookbackGradient(tensors=tensors, version=round_number)
             for layer, tensor in zip(unit, tensors):
-                gradient[layer] = tensor.to(torch.float32)
+                terms[layer] = (tensor, None)
                 floats += payload_sizes[layer]
         elif not any(sent_full) and scalar is not None:
             mirror = mirrors.get(unit_index)
             if mirror is None or mirror.version != scalar.lbg_version:
                 stale.append(unit_index)
                 continue
-            rebuilt_unit = rebuild(mirror.tensors, scalar.rho)
-            if not all(bool(torch.isfinite(rebuilt).all()) for rebuilt in rebuilt_unit):
+            # Built here only to be checked (one layer at a time); the aggregation builds it again when it reads.
+            if not all(bool(torch.isfinite(rebuild((lbg,), scalar.rho)[0]).all()) for lbg in mirror.tensors):
                 raise UpdateRejected(malformed, f"rho {scalar.rho} for unit {unit_index} overflows its LBG to Inf")
-            for layer, rebuilt in zip(unit, rebuilt_unit):
-                gradient[layer] = rebuilt
+            for layer, lbg in zip(unit, mirror.tensors):
+                terms[layer] = (lbg, scalar.rho)
             floats += 1
         else:
             raise UpdateRejected(
@@ -157,8 +157,9 @@ def judge_update(
             f"(server holds versions {held}; 0 = none); resend those units in full",
             stale_units=stale,
         )
+    ordered = [terms[layer] for layer in range(len(rules.layer_shapes))]  # the units cover every layer
     return AcceptedUpdate(
-        gradient=[g for g in gradient if g is not None],
+        gradient=RebuiltGradient(sources=tuple(t for t, _ in ordered), factors=tuple(f for _, f in ordered)),
         new_mirrors=new_mirrors,
         buffers=buffers,
         num_samples=int(update.header.num_samples),

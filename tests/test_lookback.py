@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lbgm.common.lookback import (
-    aggregation_weights, decide, decision_units, lookback_coefficient, rebuild, server_sgd_step, to_float32,
-    weighted_sum,
+    RebuiltGradient, aggregation_weights, decide, decision_units, lookback_coefficient, rebuild, server_sgd_step,
+    to_float32, weighted_sum,
 )
 
 
@@ -115,6 +115,33 @@ def test_aggregation_weights_are_sample_shares():
 def test_weighted_sum_per_layer():
     total = weighted_sum([[t(1, 1), t(2)], [t(3, 5), t(4)]], [0.25, 0.75])
     assert torch.allclose(total[0], t(2.5, 4.0)) and torch.allclose(total[1], t(3.5))
+
+
+def test_weighted_sum_refuses_updates_of_other_lengths():
+    with pytest.raises(ValueError, match="update 1 has 1 layers"):
+        weighted_sum([[t(1), t(2)], [t(3)]], [0.5, 0.5])
+    with pytest.raises(ValueError, match="more layers"):
+        weighted_sum([[t(1)], [t(3), t(4)]], [0.5, 0.5])
+
+
+def test_rebuilt_gradient_reads_as_payloads_and_products():
+    payload, lbg = t(1, 2).to(torch.float16), t(3, -4)
+    gradient = RebuiltGradient(sources=(payload, lbg), factors=(None, -0.5))
+    first, second = list(gradient)
+    assert first.dtype == torch.float32 and torch.equal(first, t(1, 2))
+    assert torch.equal(second, rebuild([lbg], -0.5)[0]) and torch.equal(lbg, t(3, -4))  # the LBG is untouched
+    assert len(gradient) == 2 and torch.equal(gradient[1], second)
+
+
+def test_weighted_sum_of_rebuilt_gradients_equals_the_materialized_sum_bit_for_bit():
+    generator = torch.Generator().manual_seed(3)
+    lbgs = [torch.randn(50, generator=generator).to(torch.float16) for _ in range(3)]
+    lazy = [RebuiltGradient(sources=(lbg, torch.randn(7, generator=generator)), factors=(rho, None))
+            for lbg, rho in zip(lbgs, (0.3, -1.7, 2.5))]
+    materialized = [[layer.clone() for layer in gradient] for gradient in lazy]
+    weights = [0.2, 0.5, 0.3]
+    for got, expected in zip(weighted_sum(lazy, weights), weighted_sum(materialized, weights), strict=True):
+        assert torch.equal(got, expected)
 
 
 def test_server_step_plain_sgd():

@@ -64,6 +64,9 @@ def test_parallel_gradient_goes_as_scalars_and_is_rebuilt():
     for rebuilt, expected in zip(accepted.gradient, gradient(scale=-2.0)):
         assert torch.allclose(rebuilt, expected, atol=1e-5)
     assert accepted.new_mirrors == {} and accepted.floats_uploaded == 2
+    # The server keeps the mirrors' own tensors and the scalars, not K products, while the round collects uploads.
+    held = [mirrors[unit].tensors[0] for unit in range(len(UNITS))]
+    assert all(source is lbg for source, lbg in zip(accepted.gradient.sources, held, strict=True))
 
 
 def test_float16_wire_keeps_lbg_in_travelled_precision():
