@@ -11,18 +11,25 @@ times. Everything is read from the server's own metrics.jsonl:
   worker in the wire dtype: exactly K x model bytes (parameters x 4 B for
   float32, x 2 B for float16/bfloat16), which each run checks.
 - server_rss_bytes: the server's resident memory when each round closes (the
-  round's accepted gradients are still alive then); the peak over rounds is
+  round's accepted uploads are still alive then); the peak over rounds is
   reported, and that peak minus the mirrors is what the server holds besides
-  them (torch, the test set, the model, and the K float32 gradients of a round).
+  them (torch, the test set, the model, gRPC, and what the allocator kept).
 - round_seconds: from opening a round to its metrics; round 1 (every worker
   connects and sends everything in full) apart from the median of rounds 2..R.
 
-How each grows with K is the least-squares slope over K per dtype (bytes per
-worker, seconds per worker). The compact option is wire_dtype = float16 or
-bfloat16: workers send full gradients in that dtype and the mirrors keep them
-as they travelled, so they take half the memory; each K reports what that
-saves against float32 in mirror bytes and in peak server RSS. Points run K by
-K with the dtypes interleaved, so background load hits them alike.
+How each grows with K is the least-squares slope over K per setting (bytes
+per worker, seconds per worker). Two settings are compared at each K:
+
+- wire dtype: float16 or bfloat16 send full gradients in that dtype and the
+  mirrors keep them as they travelled, so they take half the memory; compared
+  with float32 (same allocator) in mirror bytes and in peak server RSS.
+- allocator: "pinned" is lbgm server's default (glibc's mmap threshold fixed,
+  so freed upload buffers go back to the OS); "adaptive" is glibc's own
+  behaviour (--malloc-mmap-threshold 0); compared with adaptive (same dtype)
+  in peak server RSS and round time.
+
+Points run K by K with the settings interleaved, so background load hits them
+alike.
 """
 
 from __future__ import annotations
@@ -49,18 +56,28 @@ DELTA = 0.2
 LOCAL_LR = 0.5
 ROUND_TIMEOUT_SECONDS = 900.0  # generous: a round that closes short of K workers is no measurement
 BASELINE_DTYPE = "float32"
+# lbgm server flags per allocator setting; the savings of pinning are against the adaptive one.
+ALLOCATORS = {"pinned": (), "adaptive": ("--malloc-mmap-threshold", "0")}
+BASELINE_ALLOCATOR = "adaptive"
 MB = 1e6
 # Measures whose slope against K is reported, and the name of that slope.
 GROWTH_KEYS = {"mirror_bytes": "mirror_bytes_per_worker", "peak_rss_bytes": "peak_rss_bytes_per_worker",
                "rss_minus_mirrors_bytes": "rss_minus_mirrors_bytes_per_worker",
                "median_round_seconds": "median_round_seconds_per_worker"}
-SAVING_KEYS = ("mirror_bytes", "peak_rss_bytes")  # what the compact mirrors are compared on
+# Per compared setting: its baseline value and the measures compared against it.
+COMPARISONS = {"wire_dtype": (BASELINE_DTYPE, ("mirror_bytes", "peak_rss_bytes")),
+               "allocator": (BASELINE_ALLOCATOR, ("peak_rss_bytes", "median_round_seconds"))}
 
 
-def scale_config(workers: int, wire_dtype: str, rounds: int) -> ExperimentConfig:
-    return ExperimentConfig(name=f"scale-k{workers}-{wire_dtype}", workers=workers, rounds=rounds, delta=DELTA,
-                            wire_dtype=wire_dtype, local_steps=1, batch_size=0, local_lr=LOCAL_LR,
+def scale_config(workers: int, wire_dtype: str, allocator: str, rounds: int) -> ExperimentConfig:
+    return ExperimentConfig(name=f"scale-k{workers}-{wire_dtype}-{allocator}", workers=workers, rounds=rounds,
+                            delta=DELTA, wire_dtype=wire_dtype, local_steps=1, batch_size=0, local_lr=LOCAL_LR,
                             round_timeout=ROUND_TIMEOUT_SECONDS, checkpoint_every=0)
+
+
+def setting(result: dict[str, Any]) -> str:
+    """A run's settings as its tables and plot name them."""
+    return f"{result['wire_dtype']}, {result['allocator']}"
 
 
 def model_parameters(config: ExperimentConfig) -> int:
@@ -69,11 +86,11 @@ def model_parameters(config: ExperimentConfig) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def run_point(config: ExperimentConfig, work_dir: Path, processes: int) -> list[dict[str, Any]]:
+def run_point(config: ExperimentConfig, allocator: str, work_dir: Path, processes: int) -> list[dict[str, Any]]:
     """One federation to its end; its per-round records. lbgm run's summary goes to stderr with its
     progress bar, so stdout carries only the benchmark's tables."""
     with redirect_stdout(sys.stderr):
-        status = run_federation(config, work_dir, processes, "WARNING", "text")
+        status = run_federation(config, work_dir, processes, "WARNING", "text", server_args=ALLOCATORS[allocator])
     run_dir = work_dir / config.name
     if status != 0:
         raise RuntimeError(f"{config.name} failed with status {status}; logs in {run_dir / 'logs'}")
@@ -85,7 +102,7 @@ def run_point(config: ExperimentConfig, work_dir: Path, processes: int) -> list[
     return records
 
 
-def summarize(config: ExperimentConfig, parameters: int, records: list[dict[str, Any]],
+def summarize(config: ExperimentConfig, allocator: str, parameters: int, records: list[dict[str, Any]],
               wall_seconds: float) -> dict[str, Any]:
     """One run's scale figures; the per-round series stay in the JSON so a growing RSS can be seen."""
     model_bytes = parameters * TORCH_DTYPES[config.wire_dtype].itemsize
@@ -93,7 +110,7 @@ def summarize(config: ExperimentConfig, parameters: int, records: list[dict[str,
     seconds = [record["round_seconds"] for record in records]
     mirror_bytes = records[-1]["mirror_bytes"]
     return {
-        "workers": config.workers, "wire_dtype": config.wire_dtype, "rounds": len(records),
+        "workers": config.workers, "wire_dtype": config.wire_dtype, "allocator": allocator, "rounds": len(records),
         "model_parameters": parameters, "model_bytes": model_bytes, "k_model_bytes": config.workers * model_bytes,
         "mirror_bytes": mirror_bytes, "mirrors_match": mirror_bytes == config.workers * model_bytes,
         "peak_rss_bytes": max(rss), "rss_minus_mirrors_bytes": max(rss) - mirror_bytes,
@@ -106,16 +123,18 @@ def summarize(config: ExperimentConfig, parameters: int, records: list[dict[str,
     }
 
 
-def measure(workers: list[int], dtypes: list[str], rounds: int, processes: int,
+def measure(workers: list[int], dtypes: list[str], allocators: list[str], rounds: int, processes: int,
             work_dir: Path) -> list[dict[str, Any]]:
-    """Every (K, dtype) point, dtypes interleaved at each K so background load hits them alike."""
+    """Every (K, dtype, allocator) point, settings interleaved at each K so background load hits them alike."""
     results = []
     for count in workers:
         for dtype in dtypes:
-            config = scale_config(count, dtype, rounds)
-            started = time.monotonic()
-            records = run_point(config, work_dir, processes)
-            results.append(summarize(config, model_parameters(config), records, time.monotonic() - started))
+            for allocator in allocators:
+                config = scale_config(count, dtype, allocator, rounds)
+                started = time.monotonic()
+                records = run_point(config, allocator, work_dir, processes)
+                results.append(summarize(config, allocator, model_parameters(config), records,
+                                         time.monotonic() - started))
     return results
 
 
@@ -128,25 +147,33 @@ def slope(points: Sequence[tuple[int, float]]) -> float | None:
 
 
 def growth(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per dtype: model bytes and the slope of each measure against K."""
-    by_dtype: dict[str, list[dict[str, Any]]] = {}
+    """Per setting: model bytes and the slope of each measure against K."""
+    by_setting: dict[str, list[dict[str, Any]]] = {}
     for result in results:
-        by_dtype.setdefault(result["wire_dtype"], []).append(result)
-    return {dtype: {"model_bytes": runs[0]["model_bytes"],
-                    **{name: slope([(r["workers"], r[key]) for r in runs]) for key, name in GROWTH_KEYS.items()}}
-            for dtype, runs in by_dtype.items()}
+        by_setting.setdefault(setting(result), []).append(result)
+    return {name: {"model_bytes": runs[0]["model_bytes"],
+                   **{slope_name: slope([(r["workers"], r[key]) for r in runs])
+                      for key, slope_name in GROWTH_KEYS.items()}}
+            for name, runs in by_setting.items()}
 
 
-def savings(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each compact run against the float32 run of the same K: bytes saved and the ratio kept."""
-    baseline = {r["workers"]: r for r in results if r["wire_dtype"] == BASELINE_DTYPE}
+def savings(results: list[dict[str, Any]], compared: str) -> list[dict[str, Any]]:
+    """Each run against the run that differs from it only in `compared` (a COMPARISONS key), which holds
+    that setting's baseline value: the amount saved and the ratio kept, per compared measure."""
+    baseline_value, keys = COMPARISONS[compared]
+
+    def others(result: dict[str, Any]) -> tuple[Any, ...]:
+        return (result["workers"], *(result[name] for name in COMPARISONS if name != compared))
+
+    baseline = {others(r): r for r in results if r[compared] == baseline_value}
     saved = []
     for r in results:
-        base = baseline.get(r["workers"])
-        if r["wire_dtype"] != BASELINE_DTYPE and base is not None:
-            saved.append({"workers": r["workers"], "wire_dtype": r["wire_dtype"],
-                          **{f"{key}_saved": base[key] - r[key] for key in SAVING_KEYS},
-                          **{f"{key}_ratio": r[key] / base[key] for key in SAVING_KEYS}})
+        base = baseline.get(others(r))
+        if r[compared] != baseline_value and base is not None:
+            saved.append({"workers": r["workers"], "wire_dtype": r["wire_dtype"], "allocator": r["allocator"],
+                          "against": setting(base),
+                          **{f"{key}_saved": base[key] - r[key] for key in keys},
+                          **{f"{key}_ratio": r[key] / base[key] for key in keys}})
     return saved
 
 
@@ -159,61 +186,82 @@ def milliseconds(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1e3:,.2f}"
 
 
-def tables(results: list[dict[str, Any]], grown: dict[str, dict[str, Any]], saved: list[dict[str, Any]]) -> str:
-    saving = {(s["workers"], s["wire_dtype"]): s for s in saved}
+def tables(results: list[dict[str, Any]], grown: dict[str, dict[str, Any]],
+           saved: dict[str, list[dict[str, Any]]]) -> str:
+    by_run = {compared: {(s["workers"], s["wire_dtype"], s["allocator"]): s for s in entries}
+              for compared, entries in saved.items()}
 
-    def saved_cell(result: dict[str, Any], key: str) -> str:
-        s = saving.get((result["workers"], result["wire_dtype"]))
-        return "-" if s is None else f"{megabytes(s[f'{key}_saved'])} ({1 - s[f'{key}_ratio']:.0%})"
+    def saved_cell(result: dict[str, Any], compared: str, key: str) -> str:
+        s = by_run[compared].get((result["workers"], result["wire_dtype"], result["allocator"]))
+        if s is None:
+            return "-"
+        amount = milliseconds(s[f"{key}_saved"]) + " ms" if key.endswith("seconds") else megabytes(s[f"{key}_saved"])
+        return f"{amount} ({1 - s[f'{key}_ratio']:.0%})"
 
     runs = markdown_table(
-        ["K", "wire dtype", "model MB", "K x model MB", "mirrors MB", "mirrors = K x model", "peak RSS MB",
+        ["K", "wire dtype", "allocator", "model MB", "mirrors MB", "mirrors = K x model", "peak RSS MB",
          "RSS - mirrors MB", "round 1 s", "median round 2..R s", f"mirrors saved vs {BASELINE_DTYPE}",
-         f"peak RSS saved vs {BASELINE_DTYPE}"],
-        [[r["workers"], r["wire_dtype"], megabytes(r["model_bytes"]), megabytes(r["k_model_bytes"]),
-          megabytes(r["mirror_bytes"]), "yes" if r["mirrors_match"] else "NO", megabytes(r["peak_rss_bytes"]),
+         f"peak RSS saved vs {BASELINE_DTYPE}", f"peak RSS saved vs {BASELINE_ALLOCATOR}",
+         f"round time saved vs {BASELINE_ALLOCATOR}"],
+        [[r["workers"], r["wire_dtype"], r["allocator"], megabytes(r["model_bytes"]), megabytes(r["mirror_bytes"]),
+          "yes" if r["mirrors_match"] else "NO", megabytes(r["peak_rss_bytes"]),
           megabytes(r["rss_minus_mirrors_bytes"]), f"{r['first_round_seconds']:.2f}",
-          f"{r['median_round_seconds']:.3f}", saved_cell(r, "mirror_bytes"), saved_cell(r, "peak_rss_bytes")]
+          f"{r['median_round_seconds']:.3f}", saved_cell(r, "wire_dtype", "mirror_bytes"),
+          saved_cell(r, "wire_dtype", "peak_rss_bytes"), saved_cell(r, "allocator", "peak_rss_bytes"),
+          saved_cell(r, "allocator", "median_round_seconds")]
          for r in results])
     per_worker = markdown_table(
-        ["wire dtype", "model MB", "mirrors MB / worker", "peak RSS MB / worker", "RSS - mirrors MB / worker",
-         "median round ms / worker"],
-        [[dtype, megabytes(g["model_bytes"]), megabytes(g["mirror_bytes_per_worker"]),
+        ["wire dtype, allocator", "model MB", "mirrors MB / worker", "peak RSS MB / worker",
+         "RSS - mirrors MB / worker", "median round ms / worker"],
+        [[name, megabytes(g["model_bytes"]), megabytes(g["mirror_bytes_per_worker"]),
           megabytes(g["peak_rss_bytes_per_worker"]), megabytes(g["rss_minus_mirrors_bytes_per_worker"]),
           milliseconds(g["median_round_seconds_per_worker"])]
-         for dtype, g in grown.items()])
+         for name, g in grown.items()])
     return f"{runs}\n\nGrowth with K (least-squares slope over K):\n\n{per_worker}"
+
+
+def all_savings(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    return {compared: savings(results, compared) for compared in COMPARISONS}
 
 
 def verdict(results: list[dict[str, Any]]) -> str:
     """One line for the document's summary."""
     exact = all(r["mirrors_match"] for r in results)
-    grown = growth(results)
-    slopes = "; ".join(f"{dtype}: {megabytes(g['peak_rss_bytes_per_worker'])} MB RSS and "
+    slopes = "; ".join(f"{name}: {megabytes(g['peak_rss_bytes_per_worker'])} MB RSS and "
                        f"{milliseconds(g['median_round_seconds_per_worker'])} ms per round per added worker"
-                       for dtype, g in grown.items())
-    saved = max(savings(results), key=lambda s: s["workers"], default=None)
-    compact = ("" if saved is None else f" At K = {saved['workers']}, {saved['wire_dtype']} saves "
-               f"{1 - saved['mirror_bytes_ratio']:.0%} of the mirrors and {1 - saved['peak_rss_bytes_ratio']:.0%} "
-               "of peak server RSS.")
-    return (f"Mirrors {'equal' if exact else 'DO NOT equal'} K x model bytes in every run; growth: {slopes}."
-            + compact)
+                       for name, g in growth(results).items())
+    saved = all_savings(results)
+    largest = {compared: max(entries, key=lambda s: s["workers"], default=None) for compared, entries in saved.items()}
+    sentences = []
+    if (dtype := largest["wire_dtype"]) is not None:
+        sentences.append(f"At K = {dtype['workers']}, {dtype['wire_dtype']} mirrors save "
+                         f"{1 - dtype['mirror_bytes_ratio']:.0%} of the mirrors and "
+                         f"{1 - dtype['peak_rss_bytes_ratio']:.0%} of peak server RSS ({dtype['allocator']}).")
+    if (pinned := largest["allocator"]) is not None:
+        sentences.append(f"The pinned allocator saves {1 - pinned['peak_rss_bytes_ratio']:.0%} of peak server RSS "
+                         f"against glibc's adaptive one at K = {pinned['workers']} ({pinned['wire_dtype']}), with "
+                         f"rounds {pinned['median_round_seconds_ratio']:.2f}x as long.")
+    return " ".join([f"Mirrors {'equal' if exact else 'DO NOT equal'} K x model bytes in every run; growth: {slopes}.",
+                     *sentences])
 
 
 def table(results: list[dict[str, Any]]) -> str:
     """Both tables from the per-run results alone (what bench.performance renders)."""
-    return tables(results, growth(results), savings(results))
+    return tables(results, growth(results), all_savings(results))
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    """Peak server RSS and mirror bytes against K, one line per wire dtype."""
+    """Peak server RSS against K per setting, and the mirrors per wire dtype."""
     with chart(path, "Server memory against the number of workers", "virtual workers K", "MB") as axes:
+        for name in dict.fromkeys(setting(r) for r in results):
+            runs = sorted((r for r in results if setting(r) == name), key=lambda r: r["workers"])
+            axes.plot([r["workers"] for r in runs], [r["peak_rss_bytes"] / MB for r in runs], marker="o",
+                      label=f"peak server RSS, {name}")
         for dtype in dict.fromkeys(r["wire_dtype"] for r in results):
-            runs = sorted((r for r in results if r["wire_dtype"] == dtype), key=lambda r: r["workers"])
-            ks = [r["workers"] for r in runs]
-            axes.plot(ks, [r["peak_rss_bytes"] / MB for r in runs], marker="o", label=f"peak server RSS, {dtype}")
-            axes.plot(ks, [r["mirror_bytes"] / MB for r in runs], marker="s", linestyle="--",
-                      label=f"mirrors, {dtype}")
+            runs = sorted({r["workers"]: r for r in results if r["wire_dtype"] == dtype}.values(),
+                          key=lambda r: r["workers"])
+            axes.plot([r["workers"] for r in runs], [r["mirror_bytes"] / MB for r in runs], marker="s",
+                      linestyle="--", label=f"mirrors, {dtype}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -226,6 +274,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="DTYPE", help=f"any of {', '.join(WIRE_DTYPES)}: dtype of full gradients on the wire "
                                               "and in the mirrors; savings are against float32 when it is listed "
                                               "(default: float32 float16)")
+    parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=ALLOCATORS,
+                        metavar="SETTING", help="any of pinned (lbgm server's default: glibc's mmap threshold fixed) "
+                                                "and adaptive (glibc's own); pinning is compared with adaptive when "
+                                                "both are listed (default: pinned adaptive)")
     parser.add_argument("--rounds", type=int, default=5, metavar="R",
                         help="rounds per federation, at least 2: round 1 is reported apart (default: 5)")
     parser.add_argument("--processes", type=int, default=2, metavar="P",
@@ -247,8 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info = run_info()
     started = time.monotonic()
-    results = measure(args.workers, args.wire_dtypes, args.rounds, args.processes, args.work_dir)
-    grown, saved = growth(results), savings(results)
+    results = measure(args.workers, args.wire_dtypes, args.allocators, args.rounds, args.processes, args.work_dir)
+    grown, saved = growth(results), all_savings(results)
     print(tables(results, grown, saved))
     write_json(args.out, {"benchmark": "scale", "delta": DELTA, "local_lr": LOCAL_LR, "processes": args.processes,
                           **info, "wall_seconds": time.monotonic() - started, "results": results,

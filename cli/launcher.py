@@ -15,7 +15,7 @@ import math
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,15 +97,15 @@ class Placement:
 
 
 def run_federation(config: ExperimentConfig, out_dir: Path, processes: int, log_level: str,
-                   log_format: str, resume: bool = False) -> int:
+                   log_format: str, resume: bool = False, server_args: Sequence[str] = ()) -> int:
     """`lbgm run`: the server and `processes` worker processes on this host; `resume` continues from the
-    run folder's checkpoint."""
+    run folder's checkpoint; `server_args` are further `lbgm server` flags."""
     processes = processes or min(config.workers, MAX_DEFAULT_PROCESSES)
     if not 1 <= processes <= config.workers:
         raise UsageError(f"--processes must lie in [1, workers={config.workers}], got {processes}")
     groups = worker_groups(config.workers, processes)
     placement = Placement(tuple(WorkerProcess(f"proc{index}", count) for index, count in enumerate(groups)),
-                          server_args=("--resume",) if resume else ())
+                          server_args=(*server_args, *(("--resume",) if resume else ())))
     return launch(config, out_dir, placement, log_level, "lbgm run", log_format)
 
 

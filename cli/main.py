@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -29,9 +30,11 @@ from lbgm.cli.transport import (add_client_tls_arguments, add_server_tls_argumen
 from lbgm.common.config import ConfigError, add_config_arguments, config_from_args
 from lbgm.common.datasets import DatasetError
 from lbgm.common.tls import ChannelTls, open_channel
+from lbgm.server.allocator import DEFAULT_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD, pin_mmap_threshold
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--metrics-host",
                         help="address of the metrics endpoint: plain HTTP without authentication, exposing counts, "
                              "sizes and accuracy but no secrets (default: the --host address)")
+    server.add_argument("--malloc-mmap-threshold", type=int, default=DEFAULT_MMAP_THRESHOLD, metavar="BYTES",
+                        help="fix glibc's mmap threshold, so freed upload buffers go back to the OS instead of "
+                             "piling up in per-thread heaps as workers grow (docs/PERFORMANCE.md, Scale); 0 keeps "
+                             f"glibc's adaptive threshold (default: {DEFAULT_MMAP_THRESHOLD})")
     add_server_tls_arguments(server)
     add_log_level(server)
     add_config_arguments(server)
@@ -120,10 +127,15 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     if not 0 <= args.metrics_port <= 65535:
         raise UsageError(f"--metrics-port must lie in [0, 65535], got {args.metrics_port}")
+    if not 0 <= args.malloc_mmap_threshold <= MAX_MMAP_THRESHOLD:
+        raise UsageError(f"--malloc-mmap-threshold must lie in [0, {MAX_MMAP_THRESHOLD}], "
+                         f"got {args.malloc_mmap_threshold}")
     tls = server_tls(args)
     config = config_from_args(args)
     run_dir = args.out_dir / config.name
     resume = args.resume or (args.auto_resume and CheckpointStore.of_run(run_dir).exists())
+    if args.malloc_mmap_threshold and not pin_mmap_threshold(args.malloc_mmap_threshold):
+        log.warning("--malloc-mmap-threshold ignored: the C library is not glibc")
     try:
         serve(config, args.host, args.port, run_dir, args.port_file, tls=tls, resume=resume,
               metrics_host=args.metrics_host or args.host, metrics_port=args.metrics_port)

@@ -14,9 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_bench(name: str, *args: str) -> subprocess.CompletedProcess:
+def run_bench(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"bench.{name}", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, check=True)
+                          text=True, timeout=timeout, check=True)
 
 
 def test_transport_reports_positive_throughput_and_their_ratio(tmp_path: Path) -> None:
@@ -50,22 +50,30 @@ def test_scalar_path_bytes_add_up_and_latencies_are_measured(tmp_path: Path) -> 
 def test_scale_mirrors_hold_k_model_copies_and_float16_halves_them(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
     printed = run_bench("scale", "--workers", "2", "4", "--rounds", "2", "--processes", "1",
-                        "--work-dir", str(tmp_path / "runs"), "--out", str(out)).stdout
+                        "--work-dir", str(tmp_path / "runs"), "--out", str(out), timeout=400).stdout  # 8 federations
     result = json.loads(out.read_text())
-    runs = {(row["workers"], row["wire_dtype"]): row for row in result["results"]}
-    assert set(runs) == {(k, dtype) for k in (2, 4) for dtype in ("float32", "float16")}
-    for (k, dtype), row in runs.items():
+    runs = {(row["workers"], row["wire_dtype"], row["allocator"]): row for row in result["results"]}
+    settings = [(dtype, allocator) for dtype in ("float32", "float16") for allocator in ("pinned", "adaptive")]
+    assert set(runs) == {(k, *pair) for k in (2, 4) for pair in settings}
+    for (k, dtype, _), row in runs.items():
         assert row["model_bytes"] == row["model_parameters"] * {"float32": 4, "float16": 2}[dtype]
         assert row["mirror_bytes"] == row["k_model_bytes"] == k * row["model_bytes"] and row["mirrors_match"]
         assert row["peak_rss_bytes"] > row["mirror_bytes"] > 0
         assert len(row["round_seconds"]) == 2 and row["median_round_seconds"] > 0
     for k in (2, 4):
-        assert 2 * runs[k, "float16"]["mirror_bytes"] == runs[k, "float32"]["mirror_bytes"]
-    assert {(s["workers"], s["mirror_bytes_ratio"]) for s in result["savings"]} == {(2, 0.5), (4, 0.5)}
+        for allocator in ("pinned", "adaptive"):
+            assert 2 * runs[k, "float16", allocator]["mirror_bytes"] == runs[k, "float32", allocator]["mirror_bytes"]
+    by_dtype, by_allocator = result["savings"]["wire_dtype"], result["savings"]["allocator"]
+    assert sorted((s["workers"], s["allocator"], s["mirror_bytes_ratio"]) for s in by_dtype) == [
+        (2, "adaptive", 0.5), (2, "pinned", 0.5), (4, "adaptive", 0.5), (4, "pinned", 0.5)]
+    assert sorted((s["workers"], s["wire_dtype"], s["against"]) for s in by_allocator) == [
+        (2, "float16", "float16, adaptive"), (2, "float32", "float32, adaptive"),
+        (4, "float16", "float16, adaptive"), (4, "float32", "float32, adaptive")]
+    assert set(result["growth"]) == {f"{dtype}, {allocator}" for dtype, allocator in settings}
     for grown in result["growth"].values():
         assert grown["mirror_bytes_per_worker"] == pytest.approx(grown["model_bytes"])
         assert grown["peak_rss_bytes_per_worker"] is not None and grown["median_round_seconds_per_worker"] is not None
-    assert "| 4 | float16 |" in printed and "Growth with K" in printed
+    assert "| 4 | float16 | adaptive |" in printed and "Growth with K" in printed
 
 
 def test_overhead_and_profile_run_and_the_document_renders_every_section(tmp_path: Path) -> None:
