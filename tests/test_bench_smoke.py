@@ -110,5 +110,14 @@ def test_lab_compares_lbgm_with_delta0_under_a_capped_uplink(tmp_path: Path) -> 
     for run in (row["lbgm"], row["baseline"]):
         assert run["rounds_completed"] == 2 and run["round_to_target"] == 1 and run["seconds_to_target"] > 0
     assert row["speedup"] == pytest.approx(row["baseline"]["seconds_to_target"] / row["lbgm"]["seconds_to_target"])
+    assert row["uplink_bytes_ratio"] == pytest.approx(
+        row["baseline"]["uplink_bytes_to_target"] / row["lbgm"]["uplink_bytes_to_target"])
+    for run in (row["lbgm"], row["baseline"]):
+        assert [accuracy for _, accuracy in run["accuracy_over_time"]][0] > 0 and len(run["round_seconds"]) == 2
     assert row["meets_target"] is None  # the 2x target is stated for 10 Mbit/s
     assert "| 100mbit |" in printed
+    # The same run folders summarized again, without running: the same figures.
+    again = tmp_path / "again.json"
+    run_bench("lab", "--uplinks", "100mbit", "--target-accuracy", "0.1", "--work-dir", str(tmp_path / "runs"),
+              "--reuse-runs", "--out", str(again))
+    assert json.loads(again.read_text())["results"] == [row]
