@@ -69,10 +69,14 @@ BENCHMARKS = (
               "mirrors = K model copies; a compact-mirror option and what it saves",
               ("--workers", "2", "4", "--rounds", "2", "--processes", "1"),
               "The server holds one look-back gradient per worker and layer, stored exactly as it travelled, "
-              "so `wire_dtype = \"float16\"` halves both the uplink and the mirrors. What grows besides "
-              "the mirrors (about three model copies per worker for the MLP) is not isolated yet: the round's "
-              "accepted gradients live until it closes, and memory freed by replaced mirrors may stay with "
-              "the allocator; aggregating each update as it arrives is the next lever."),
+              "so `wire_dtype = \"float16\"` halves both the uplink and the mirrors. An accepted upload is "
+              "held as its payloads and scalars (a scalar layer points at the mirror), and rho x LBG is made "
+              "one layer at a time while the aggregation adds it, so a round adds no K model copies of its "
+              "own. What grew besides the mirrors was the allocator: glibc raises its mmap threshold to the "
+              "largest block freed, after which model-sized buffers live in per-thread heaps that keep what "
+              "was freed. *pinned* (`lbgm server --malloc-mmap-threshold 131072`) fixes the threshold: peak "
+              "RSS then grows by the mirrors plus about half a model per worker, but rounds get longer "
+              "(fresh pages for every buffer), so glibc's adaptive threshold stays the default."),
     Benchmark("profile", "6. Profile: the system's own work per round, and the fix it led to",
               "find the hot paths and fix what they show, with before/after",
               ("--workers", "2", "--repeats", "1", "--top", "5"),

@@ -30,7 +30,7 @@ from lbgm.cli.transport import (add_client_tls_arguments, add_server_tls_argumen
 from lbgm.common.config import ConfigError, add_config_arguments, config_from_args
 from lbgm.common.datasets import DatasetError
 from lbgm.common.tls import ChannelTls, open_channel
-from lbgm.server.allocator import DEFAULT_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD, pin_mmap_threshold
+from lbgm.server.allocator import MAX_MMAP_THRESHOLD, pin_mmap_threshold
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
@@ -69,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--metrics-host",
                         help="address of the metrics endpoint: plain HTTP without authentication, exposing counts, "
                              "sizes and accuracy but no secrets (default: the --host address)")
-    server.add_argument("--malloc-mmap-threshold", type=int, default=DEFAULT_MMAP_THRESHOLD, metavar="BYTES",
-                        help="fix glibc's mmap threshold, so freed upload buffers go back to the OS instead of "
-                             "piling up in per-thread heaps as workers grow (docs/PERFORMANCE.md, Scale); 0 keeps "
-                             f"glibc's adaptive threshold (default: {DEFAULT_MMAP_THRESHOLD})")
+    server.add_argument("--malloc-mmap-threshold", type=int, default=0, metavar="BYTES",
+                        help="fix glibc's mmap threshold (e.g. 131072), so freed upload buffers go back to the OS "
+                             "instead of staying in per-thread heaps: peak memory grows by about the mirrors alone "
+                             "per worker, at the cost of longer rounds (docs/PERFORMANCE.md, Scale); "
+                             "0 keeps glibc's adaptive threshold (default: 0)")
     add_server_tls_arguments(server)
     add_log_level(server)
     add_config_arguments(server)

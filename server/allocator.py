@@ -6,8 +6,10 @@ block freed so far (up to 32 MiB), so after the first round the server's
 model-sized upload buffers and tensors come from its malloc heaps instead:
 one heap per RPC thread, up to eight per core, each keeping what was freed
 in it. The server's resident memory then grows with the workers far beyond
-the mirrors it really holds (bench.scale measures both settings side by
-side). Setting the threshold explicitly turns that adaptation off.
+the mirrors it really holds. Setting the threshold explicitly turns that
+adaptation off; every model-sized buffer is then a fresh mapping whose pages
+are faulted in again, which makes rounds longer. bench.scale measures both
+settings side by side; `lbgm server --malloc-mmap-threshold` chooses.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import ctypes
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
-DEFAULT_MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, kept fixed
+GLIBC_START_MMAP_THRESHOLD = 128 * 1024  # where glibc's adaptive threshold starts
 MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # the largest value glibc accepts on 64-bit
 
 

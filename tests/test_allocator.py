@@ -15,7 +15,7 @@ from lbgm.server.allocator import MAX_MMAP_THRESHOLD, pin_mmap_threshold
 # many mmapped blocks that added: 1 when the threshold stayed where it was pinned, 0 when it adapted.
 PROBE = """
 import ctypes, sys
-from lbgm.server.allocator import DEFAULT_MMAP_THRESHOLD, pin_mmap_threshold
+from lbgm.server.allocator import GLIBC_START_MMAP_THRESHOLD, pin_mmap_threshold
 FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in FIELDS]
@@ -25,7 +25,7 @@ libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
 if sys.argv[1] == "pinned":
-    assert pin_mmap_threshold(DEFAULT_MMAP_THRESHOLD)
+    assert pin_mmap_threshold(GLIBC_START_MMAP_THRESHOLD)
 libc.free(libc.malloc(4 << 20))
 before = libc.mallinfo2().hblks
 block = libc.malloc(4 << 20)
