@@ -64,7 +64,12 @@ BENCHMARKS = (
               ("--config", "configs/default.toml", "--hosts", "2", "--workers", "4", "--rounds", "2",
                "--uplinks", "100mbit", "--target-accuracy", "0.1"),
               "Each worker host is a network namespace whose uplink is capped with tbf; both runs of one cap "
-              "follow each other. Times run from the start of round 1 to the first round at the target."),
+              "follow each other. Times run from the start of round 1 to the first round at the target. The "
+              "speed-up could reach the ratio of uplink bytes only if moving bytes were all a round does. "
+              "Here the 20 workers share 2 cores, so each host trains its 10 workers one after another, and "
+              "a round in which every worker sends scalars still takes the seconds shown in the median "
+              "column (training, evaluation, the model download). Saving bandwidth cannot remove that floor. "
+              "On a slower link it weighs less."),
     Benchmark("scale", "5. Scale: server memory and round time against the number of workers",
               "mirrors = K model copies; a compact-mirror option and what it saves",
               ("--workers", "2", "4", "--rounds", "2", "--processes", "1"),
