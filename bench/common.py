@@ -110,6 +110,9 @@ def run_info() -> dict[str, Any]:
     }
 
 
+LEGEND_INSIDE_MAX = 4  # legend entries that fit inside a figure without hiding lines
+
+
 @contextmanager
 def chart(path: Path, title: str, xlabel: str, ylabel: str) -> Iterator[Any]:
     """Matplotlib axes for one benchmark figure, written to `path` (headless) with its legend on exit."""
@@ -122,9 +125,12 @@ def chart(path: Path, title: str, xlabel: str, ylabel: str) -> Iterator[Any]:
     try:
         yield axes
         axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
-        axes.legend()
+        if len(axes.get_legend_handles_labels()[1]) > LEGEND_INSIDE_MAX:  # below the axes, off the lines
+            axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")
+        else:
+            axes.legend()
         figure.tight_layout()
-        figure.savefig(path)
+        figure.savefig(path, bbox_inches="tight")
     finally:
         plt.close(figure)
 
