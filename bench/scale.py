@@ -196,14 +196,15 @@ def tables(results: list[dict[str, Any]], grown: dict[str, dict[str, Any]],
         s = by_run[compared].get((result["workers"], result["wire_dtype"], result["allocator"]))
         if s is None:
             return "-"
-        amount = milliseconds(s[f"{key}_saved"]) + " ms" if key.endswith("seconds") else megabytes(s[f"{key}_saved"])
-        return f"{amount} ({1 - s[f'{key}_ratio']:.0%})"
+        if key.endswith("seconds"):  # a time is longer or shorter, not saved: shown as a ratio
+            return f"{s[f'{key}_ratio']:.2f}x"
+        return f"{megabytes(s[f'{key}_saved'])} ({1 - s[f'{key}_ratio']:.0%})"
 
     runs = markdown_table(
         ["K", "wire dtype", "allocator", "model MB", "mirrors MB", "mirrors = K x model", "peak RSS MB",
          "RSS - mirrors MB", "round 1 s", "median round 2..R s", f"mirrors saved vs {BASELINE_DTYPE}",
          f"peak RSS saved vs {BASELINE_DTYPE}", f"peak RSS saved vs {BASELINE_ALLOCATOR}",
-         f"round time saved vs {BASELINE_ALLOCATOR}"],
+         f"round time / {BASELINE_ALLOCATOR}'s"],
         [[r["workers"], r["wire_dtype"], r["allocator"], megabytes(r["model_bytes"]), megabytes(r["mirror_bytes"]),
           "yes" if r["mirrors_match"] else "NO", megabytes(r["peak_rss_bytes"]),
           megabytes(r["rss_minus_mirrors_bytes"]), f"{r['first_round_seconds']:.2f}",
