@@ -69,7 +69,9 @@ BENCHMARKS = (
               "Here the 20 workers share 2 cores, so each host trains its 10 workers one after another, and "
               "a round in which every worker sends scalars still takes the seconds shown in the median "
               "column (training, evaluation, the model download). Saving bandwidth cannot remove that floor. "
-              "On a slower link it weighs less."),
+              "On a slower link it weighs less. A command ending in `--reuse-runs` summarized run folders "
+              "that `python -m bench.lab` with the same options had made before, so the start time and load "
+              "under the table are the summary's."),
     Benchmark("scale", "5. Scale: server memory and round time against the number of workers",
               "mirrors = K model copies; a compact-mirror option and what it saves",
               ("--workers", "2", "4", "--rounds", "2", "--processes", "1"),
