@@ -83,9 +83,9 @@ def round_steps(model_name: str, workers: int) -> dict[str, Callable[[], object]
         "worker: encode (LBGM decision)": lambda: encoder.encode(gradients[1], 1, 0.2, torch.float32),
         "worker: serialize upload": lambda: list(serialized_update_parts(header, encoded.full, encoded.scalars)),
         f"server: parse {workers} uploads": lambda: [parse() for _ in range(workers)],
-        f"server: judge and rebuild {workers} uploads": lambda: [judge_update(received, 1, rules, {})
+        f"server: judge {workers} uploads": lambda: [judge_update(received, 1, rules, {})
                                                                  for _ in range(workers)],
-        f"server: aggregate {workers} gradients + optimizer step": lambda: server_sgd_step(
+        f"server: aggregate {workers} gradients (rho x LBG built here) + optimizer step": lambda: server_sgd_step(
             params, weighted_sum([a.gradient for a in accepted], weights), None, 1.0, 0.9),
         "server: encode the model download": lambda: list(task_parts(
             pb.RoundTask(round=1), [EncodedTensor.of(p) for p in params])),

@@ -106,6 +106,22 @@ def rebuild(lbg: Sequence[torch.Tensor], rho: float) -> list[torch.Tensor]:
     return [part.to(torch.float32) * factor for part in lbg]
 
 
+def rebuild_is_finite(lbg: Sequence[torch.Tensor], rho: float) -> bool:
+    """Whether rebuild(lbg, rho) is free of Inf, without building it.
+
+    For finite LBG entries, float32 x -> x * rho is monotone and so is its
+    rounding, so the product overflows somewhere only if it overflows at a
+    layer's smallest or largest entry: two products per layer, not a copy.
+    """
+    for part in lbg:
+        if part.numel() == 0:
+            continue
+        low, high = torch.aminmax(part)
+        if not bool(torch.isfinite(rebuild((torch.stack((low, high)),), rho)[0]).all()):
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class RebuiltGradient(Sequence[torch.Tensor]):
     """The float32 gradient one upload stands for, made one layer at a time when read.

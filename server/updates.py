@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lbgm.common.compressors import PayloadError, decode
-from lbgm.common.lookback import LookbackGradient, RebuiltGradient, Unit, rebuild
+from lbgm.common.lookback import LookbackGradient, RebuiltGradient, Unit, rebuild_is_finite
 from lbgm.common.wire import ReceivedUpdate
 from lbgm.v1 import lbgm_pb2 as pb
 
@@ -138,8 +138,7 @@ def judge_update(
             if mirror is None or mirror.version != scalar.lbg_version:
                 stale.append(unit_index)
                 continue
-            # Built here only to be checked (one layer at a time); the aggregation builds it again when it reads.
-            if not all(bool(torch.isfinite(rebuild((lbg,), scalar.rho)[0]).all()) for lbg in mirror.tensors):
+            if not rebuild_is_finite(mirror.tensors, scalar.rho):
                 raise UpdateRejected(malformed, f"rho {scalar.rho} for unit {unit_index} overflows its LBG to Inf")
             for layer, lbg in zip(unit, mirror.tensors):
                 terms[layer] = (lbg, scalar.rho)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lbgm.common.lookback import (
-    RebuiltGradient, aggregation_weights, decide, decision_units, lookback_coefficient, rebuild, server_sgd_step,
-    to_float32, weighted_sum,
+    RebuiltGradient, aggregation_weights, decide, decision_units, lookback_coefficient, rebuild, rebuild_is_finite,
+    server_sgd_step, to_float32, weighted_sum,
 )
 
 
@@ -131,6 +131,19 @@ def test_rebuilt_gradient_reads_as_payloads_and_products():
     assert first.dtype == torch.float32 and torch.equal(first, t(1, 2))
     assert torch.equal(second, rebuild([lbg], -0.5)[0]) and torch.equal(lbg, t(3, -4))  # the LBG is untouched
     assert len(gradient) == 2 and torch.equal(gradient[1], second)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finiteness_from_the_extremes_matches_the_built_product(dtype):
+    generator = torch.Generator().manual_seed(5)
+    lbg = [torch.randn(300, generator=generator).to(dtype) * 1e3, torch.tensor([-2.5, 0.0, 7.0]).to(dtype),
+           torch.empty(0, dtype=dtype)]
+    biggest = 3.4028234663852886e38  # float32 max
+    edge = biggest / float(lbg[0].abs().max())  # where the largest entry's product reaches float32's max
+    border = [edge * (1 + step) for step in (-1e-6, -1e-7, 0.0, 1e-7, 1e-6)]
+    for rho in (0.0, 1.0, -1.0, 1e30, -1e30, biggest / 7.0, 1e38, *border, *(-r for r in border)):
+        built = all(bool(torch.isfinite(product).all()) for product in rebuild(lbg, rho))
+        assert rebuild_is_finite(lbg, rho) == built, rho
 
 
 def test_weighted_sum_of_rebuilt_gradients_equals_the_materialized_sum_bit_for_bit():
