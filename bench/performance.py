@@ -84,12 +84,14 @@ BENCHMARKS = (
               "was freed. *pinned* (`lbgm server --malloc-mmap-threshold 131072`) fixes the threshold: peak "
               "RSS then grows by the mirrors plus about half a model per worker, but rounds get longer "
               "(fresh pages for every buffer), so glibc's adaptive threshold stays the default."),
-    Benchmark("profile", "6. Profile: the system's own work per round, and the fix it led to",
+    Benchmark("profile", "6. Profile: the system's own work per round, and the fixes it led to",
               "find the hot paths and fix what they show, with before/after",
               ("--workers", "2", "--repeats", "1", "--top", "5"),
               "Every step a round adds on top of local training, timed in one process for an all-full CNN "
-              "round, then cProfile's top functions. The uplink encoding it pointed at (four copies of every "
-              "tensor byte) was replaced by a one-copy encoding; both are timed side by side."),
+              "round, then cProfile's top functions. It pointed at two fixes, each timed side by side with "
+              "the code it replaced: the uplink encoding (four copies of every tensor byte, now one) and the "
+              "server's NaN/Inf check of every uploaded layer (a boolean mask, now one pass over the "
+              "extremes). The step timings are after both."),
 )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lbgm.common.compressors import PayloadError, decode
-from lbgm.common.lookback import LookbackGradient, RebuiltGradient, Unit, rebuild_is_finite
+from lbgm.common.lookback import LookbackGradient, RebuiltGradient, Unit, all_finite, rebuild_is_finite
 from lbgm.common.wire import ReceivedUpdate
 from lbgm.v1 import lbgm_pb2 as pb
 
@@ -72,7 +72,7 @@ def _decoded_full_layers(update: ReceivedUpdate, round_number: int, rules: Uploa
             tensor = decode(item.codec, item.parts, rules.layer_shapes[item.layer])
         except PayloadError as error:
             raise UpdateRejected(malformed, f"layer {item.layer}: {error}") from None
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise UpdateRejected(malformed, f"layer {item.layer} contains NaN or Inf")
         decoded[item.layer] = tensor
     return decoded
@@ -88,7 +88,7 @@ def _checked_buffers(update: ReceivedUpdate, rules: UploadRules) -> list[torch.T
         if tuple(buffer.shape) != shape or buffer.dtype != dtype:
             raise UpdateRejected(malformed, f"buffer {index} is {buffer.dtype}{list(buffer.shape)}, "
                                             f"expected {dtype}{list(shape)}")
-        if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()):
+        if buffer.is_floating_point() and not all_finite(buffer):
             raise UpdateRejected(malformed, f"buffer {index} contains NaN or Inf")
     return [update.buffers[index] for index in range(len(rules.buffer_specs))]
 

@@ -88,7 +88,8 @@ def test_overhead_and_profile_run_and_the_document_renders_every_section(tmp_pat
     run_bench("profile", "--workers", "2", "--repeats", "1", "--top", "5", "--out", str(results / "profile.json"))
     [profile] = json.loads((results / "profile.json").read_text())["results"]
     assert len(profile["top_functions"]) == 5 and all(step["seconds"] > 0 for step in profile["steps"])
-    assert {e["encoding"].split(":")[0] for e in profile["encodings"]} == {"before", "after"}
+    assert {(e["fix"], e["variant"].split(":")[0]) for e in profile["fixes"]} == {
+        (fix, variant) for fix in ("uplink encoding", "NaN/Inf check") for variant in ("before", "after")}
 
     document = tmp_path / "PERFORMANCE.md"
     run_bench("performance", "--render", "--results-dir", str(results), "--out", str(document))

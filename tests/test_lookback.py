@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lbgm.common.lookback import (
-    RebuiltGradient, aggregation_weights, decide, decision_units, lookback_coefficient, rebuild, rebuild_is_finite,
+    RebuiltGradient, aggregation_weights, all_finite, decide, decision_units, lookback_coefficient, rebuild, rebuild_is_finite,
     server_sgd_step, to_float32, weighted_sum,
 )
 
@@ -144,6 +144,24 @@ def test_finiteness_from_the_extremes_matches_the_built_product(dtype):
     for rho in (0.0, 1.0, -1.0, 1e30, -1e30, biggest / 7.0, 1e38, *border, *(-r for r in border)):
         built = all(bool(torch.isfinite(product).all()) for product in rebuild(lbg, rho))
         assert rebuild_is_finite(lbg, rho) == built, rho
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_agrees_with_the_elementwise_mask(dtype):
+    generator = torch.Generator().manual_seed(11)
+    clean = torch.randn(1000, generator=generator).to(dtype)
+    cases = [clean, torch.empty(0, dtype=dtype), torch.full((3,), torch.finfo(dtype).max, dtype=dtype)]
+    for bad in (math.nan, math.inf, -math.inf):
+        for position in (0, 517, 999):
+            poisoned = clean.clone()
+            poisoned[position] = bad
+            cases.append(poisoned)
+    both = clean.clone()
+    both[3], both[4] = math.inf, math.nan
+    cases.append(both)
+    for tensor in cases:
+        assert all_finite(tensor) == bool(torch.isfinite(tensor).all())
+    assert sum(not all_finite(tensor) for tensor in cases) == 10
 
 
 def test_weighted_sum_of_rebuilt_gradients_equals_the_materialized_sum_bit_for_bit():
