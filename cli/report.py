@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import math
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,10 @@ DEFAULT_TARGET_ACCURACY = 0.9
 # whatever the granularity, and there is no scalar residual to feed back.
 IGNORED_FOR_BASELINE = frozenset({"name", "delta", "error_feedback", "granularity"})
 ESTIMATED_MARK = "†"
+# A run's per-round records as the server writes them, or gzipped by --archive.
+METRICS_NAMES = ("metrics.jsonl", "metrics.jsonl.gz")
+# What --archive keeps of a run folder besides its records: no checkpoints, models or logs.
+ARCHIVED_FILES = ("config.toml", "summary.json", "partition.txt")
 
 
 @dataclass(frozen=True)
@@ -180,10 +186,19 @@ def _footnotes(rows: Sequence[Row]) -> list[str]:
 
 # ------------------------------------------------------------------ reading run folders
 
+def metrics_file(run_dir: Path) -> Path | None:
+    """The run's per-round records: metrics.jsonl as the server writes it, else an archived metrics.jsonl.gz."""
+    return next((run_dir / name for name in METRICS_NAMES if (run_dir / name).is_file()), None)
+
+
 def read_records(path: Path) -> tuple[dict[str, Any], ...]:
-    """The rounds of a metrics.jsonl; an empty file is an error (a run needs one round to report)."""
+    """The rounds of a metrics.jsonl (or .gz); an empty file is an error (a run needs one round to report)."""
+    try:
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read {path}: {error}") from None
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -219,17 +234,20 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
 
 
 def load_run(run_dir: Path) -> Run:
-    return Run(run_dir.name, run_dir, read_config(run_dir), read_records(run_dir / "metrics.jsonl"))
+    metrics = metrics_file(run_dir)
+    if metrics is None:
+        raise UsageError(f"run {run_dir} has no {' or '.join(METRICS_NAMES)}")
+    return Run(run_dir.name, run_dir, read_config(run_dir), read_records(metrics))
 
 
 def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
-    """Each path is a run folder (it holds metrics.jsonl) or a folder of run folders."""
+    """Each path is a run folder (it holds metrics.jsonl or .gz) or a folder of run folders."""
     found: dict[Path, Path] = {}  # resolved -> as given, so a run named twice is reported once
     for path in paths:
         if not path.is_dir():
             raise UsageError(f"{path} is not a folder; expected a run folder or a folder of run folders")
-        runs = ([path] if (path / "metrics.jsonl").exists()
-                else sorted(child for child in path.iterdir() if (child / "metrics.jsonl").exists()))
+        runs = ([path] if metrics_file(path)
+                else sorted(child for child in path.iterdir() if child.is_dir() and metrics_file(child)))
         if not runs:
             raise UsageError(f"{path} holds no run: neither it nor any folder in it has a metrics.jsonl")
         for run in runs:
@@ -287,6 +305,28 @@ def write_report(runs: Sequence[Run], out: Path, target: float, title: str) -> s
     return table
 
 
+def archive_runs(runs: Sequence[Run], archive: Path) -> None:
+    """Copies what a report is drawn from into archive/<run name>/: the records gzipped (under
+    100 kB for 100 rounds of 100 workers) and the settings, summary and partition, so results can
+    be committed and redrawn with `lbgm report <archive>`. Checkpoints, models and logs stay behind.
+    Everything is checked before anything is written."""
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"runs to archive share a folder name: {sorted({n for n in names if names.count(n) > 1})}")
+    for run in runs:
+        if (archive / run.name).resolve() == run.path.resolve():
+            raise UsageError(f"--archive {archive} would overwrite run {run.path} with itself")
+    for run in runs:
+        target = archive / run.name
+        target.mkdir(parents=True, exist_ok=True)
+        (target / METRICS_NAMES[0]).unlink(missing_ok=True)  # an older plain copy would be read first
+        lines = "".join(json.dumps(record) + "\n" for record in run.records)  # the records reported, as read
+        (target / METRICS_NAMES[1]).write_bytes(gzip.compress(lines.encode(), mtime=0))
+        for name in ARCHIVED_FILES:
+            if (run.path / name).is_file():
+                shutil.copyfile(run.path / name, target / name)
+
+
 # ------------------------------------------------------------------ command line
 
 def target_accuracy(text: str) -> float:
@@ -313,16 +353,26 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "and print the table. Savings are measured against a delta = 0 run with otherwise "
                     "identical settings when the set holds one.")
     report.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR_OR_PARENT",
-                        help="a run folder (holding metrics.jsonl) or a folder of run folders")
+                        help="a run folder (holding metrics.jsonl, or metrics.jsonl.gz as archived) "
+                             "or a folder of run folders")
     report.add_argument("--out", type=Path, required=True, help="folder to write the plots and report.md to")
     add_target_argument(report)
     report.add_argument("--title", default="LBGM runs", help="title of the plots and report (default: LBGM runs)")
+    report.add_argument("--archive", type=Path, metavar="DIR",
+                        help="also copy each run's records into DIR/<run>/ (metrics.jsonl gzipped, config.toml, "
+                             "summary.json, partition.txt; no checkpoints): small enough to commit, and "
+                             "`lbgm report DIR` redraws this report from them")
     add_log_level(report, default="WARNING")
     report.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    table = write_report(load_runs(args.paths), args.out, args.target_accuracy, args.title)
+    runs = load_runs(args.paths)
+    if args.archive is not None:
+        archive_runs(runs, args.archive)
+    table = write_report(runs, args.out, args.target_accuracy, args.title)
     print(table, end="")
     print(f"\nwrote {args.out / 'report.md'}, accuracy_vs_uplink.png and accuracy_vs_rounds.png")
+    if args.archive is not None:
+        print(f"archived the records of {len(runs)} runs in {args.archive}")
     return 0

@@ -170,6 +170,22 @@ def test_an_empty_metrics_file_is_explained(tmp_path):
         report.load_runs([tmp_path])
 
 
+def test_a_corrupt_archived_metrics_file_is_named_in_the_error(tmp_path):
+    (tmp_path / "metrics.jsonl.gz").write_bytes(b"not gzip")
+    (tmp_path / "config.toml").write_text(config_to_toml(ExperimentConfig()))
+    with pytest.raises(UsageError, match="cannot read .*metrics.jsonl.gz"):
+        report.load_runs([tmp_path])
+
+
+def test_archiving_refuses_clashing_names_and_the_runs_own_folder_before_writing(tmp_path):
+    first, second = (Run("same", tmp_path / side / "same", {}, (record(1, 0.5),)) for side in ("a", "b"))
+    with pytest.raises(UsageError, match="share a folder name: \\['same'\\]"):
+        report.archive_runs([first, second], tmp_path / "archive")
+    with pytest.raises(UsageError, match="overwrite run"):
+        report.archive_runs([first], tmp_path / "a")
+    assert not (tmp_path / "archive").exists() and not (tmp_path / "a").exists()
+
+
 # ------------------------------------------------------------------ one real sweep over localhost gRPC
 
 def test_a_real_sweep_runs_each_grid_point_reports_them_and_resumes(tmp_path, capsys):
@@ -194,6 +210,16 @@ def test_a_real_sweep_runs_each_grid_point_reports_them_and_resumes(tmp_path, ca
     assert [line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| grid-")] == [
         "grid-delta0", "grid-delta0.5"]
     assert "†" not in markdown  # the delta = 0 run is a measured baseline for both
+
+    archive, redrawn = tmp_path / "archive", tmp_path / "redrawn"
+    archive_args = parse("report", str(runs), "--out", str(out), "--target-accuracy", "0.5",
+                         "--archive", str(archive))
+    assert archive_args.func(archive_args) == 0
+    assert sorted(path.name for path in (archive / "grid-delta0").iterdir()) == [
+        "config.toml", "metrics.jsonl.gz", "partition.txt", "summary.json"]  # no checkpoint, model or logs
+    redraw_args = parse("report", str(archive), "--out", str(redrawn), "--target-accuracy", "0.5")
+    assert redraw_args.func(redraw_args) == 0
+    assert (redrawn / "report.md").read_text() == markdown
 
     capsys.readouterr()
     assert sweep_args.func(sweep_args) == 0
