@@ -24,9 +24,12 @@ from lbgm.common.config import ConfigError, load_config
 from lbgm.server.accounting import summarize
 
 DEFAULT_TARGET_ACCURACY = 0.9
+# Settings that say where files go, how often state is saved and how evaluation is
+# batched: they change neither the training nor the bytes, so runs are compared across them.
+BOOKKEEPING_SETTINGS = frozenset({"name", "data_dir", "checkpoint_every", "eval_batch_size"})
 # Settings that do not change what a delta = 0 run sends: every layer goes in full
 # whatever the granularity, and there is no scalar residual to feed back.
-IGNORED_FOR_BASELINE = frozenset({"name", "delta", "error_feedback", "granularity"})
+IGNORED_FOR_BASELINE = BOOKKEEPING_SETTINGS | {"delta", "error_feedback", "granularity"}
 ESTIMATED_MARK = "†"
 # A run's per-round records as the server writes them, or gzipped by --archive.
 METRICS_NAMES = ("metrics.jsonl", "metrics.jsonl.gz")
@@ -123,11 +126,12 @@ def savings(run: Run, runs: Sequence[Run]) -> Savings:
 
 
 def differing_settings(runs: Sequence[Run]) -> list[str]:
-    """delta, then every other setting whose value is not the same in all runs (config order)."""
+    """delta, then every other setting whose value is not the same in all runs (config order),
+    leaving out bookkeeping."""
     keys = [key for run in runs for key in run.config]
     ordered = list(dict.fromkeys(["delta", *keys]))
-    return [key for key in ordered
-            if key == "delta" or (key != "name" and len({repr(run.config.get(key)) for run in runs}) > 1)]
+    return [key for key in ordered if key == "delta" or (
+        key not in BOOKKEEPING_SETTINGS and len({repr(run.config.get(key)) for run in runs}) > 1)]
 
 
 def build_rows(runs: Sequence[Run], target: float) -> list[Row]:

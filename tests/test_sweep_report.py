@@ -70,6 +70,14 @@ def test_the_delta0_baseline_may_differ_in_error_feedback_and_granularity():
     assert savings(lbgm, [lbgm, fedavg]) == Savings(fraction=0.5, baseline="fedavg")
 
 
+def test_bookkeeping_settings_neither_break_the_baseline_nor_make_columns():
+    lbgm = run("lbgm", [0.5], uplink=100, checkpoint_every=1, data_dir="/a", eval_batch_size=500)
+    fedavg = run("fedavg", [0.5], uplink=200, delta=0.0, checkpoint_every=5, data_dir="/b", eval_batch_size=1000)
+    assert savings(lbgm, [lbgm, fedavg]) == Savings(fraction=0.5, baseline="fedavg")
+    header = format_table(build_rows([lbgm, fedavg], 0.9), 0.9).splitlines()[0]
+    assert not any(key in header for key in ("checkpoint_every", "data_dir", "eval_batch_size"))
+
+
 def test_without_a_delta0_twin_savings_fall_back_to_the_runs_own_full_equivalent():
     lbgm = run("lbgm", [0.5, 0.6], uplink=100)  # full equivalent: 400 bytes a round
     other_seed = run("fedavg-seed1", [0.5, 0.6], uplink=300, delta=0.0, seed=1)
