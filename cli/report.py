@@ -253,7 +253,8 @@ def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
         runs = ([path] if metrics_file(path)
                 else sorted(child for child in path.iterdir() if child.is_dir() and metrics_file(child)))
         if not runs:
-            raise UsageError(f"{path} holds no run: neither it nor any folder in it has a metrics.jsonl")
+            raise UsageError(f"{path} holds no run: neither it nor any folder in it has a "
+                             f"{' or '.join(METRICS_NAMES)}")
         for run in runs:
             found.setdefault(run.resolve(), run)
     return list(found.values())
@@ -318,12 +319,17 @@ def archive_runs(runs: Sequence[Run], archive: Path) -> None:
     if len(set(names)) != len(names):
         raise UsageError(f"runs to archive share a folder name: {sorted({n for n in names if names.count(n) > 1})}")
     for run in runs:
-        if (archive / run.name).resolve() == run.path.resolve():
+        target = archive / run.name
+        if target.resolve() == run.path.resolve():
             raise UsageError(f"--archive {archive} would overwrite run {run.path} with itself")
+        if target.exists() and not target.is_dir():
+            raise UsageError(f"--archive: {target} exists and is not a folder")
+        if (target / METRICS_NAMES[0]).exists():  # a run folder, whose plain records would also shadow ours
+            raise UsageError(f"--archive: {target} holds a run's {METRICS_NAMES[0]}; archive into a folder of "
+                             f"archives, not of runs")
     for run in runs:
         target = archive / run.name
         target.mkdir(parents=True, exist_ok=True)
-        (target / METRICS_NAMES[0]).unlink(missing_ok=True)  # an older plain copy would be read first
         lines = "".join(json.dumps(record) + "\n" for record in run.records)  # the records reported, as read
         (target / METRICS_NAMES[1]).write_bytes(gzip.compress(lines.encode(), mtime=0))
         for name in ARCHIVED_FILES:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lbgm.common.lookback import (
-    RebuiltGradient, aggregation_weights, all_finite, decide, decision_units, lookback_coefficient, rebuild, rebuild_is_finite,
-    server_sgd_step, to_float32, weighted_sum,
+    RebuiltGradient, aggregation_weights, all_finite, decide, decision_units, lookback_coefficient, rebuild,
+    rebuild_is_finite, server_sgd_step, to_float32, weighted_sum,
 )
 
 

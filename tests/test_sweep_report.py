@@ -191,6 +191,16 @@ def test_archiving_refuses_clashing_names_and_the_runs_own_folder_before_writing
         report.archive_runs([first, second], tmp_path / "archive")
     with pytest.raises(UsageError, match="overwrite run"):
         report.archive_runs([first], tmp_path / "a")
+    other_run = tmp_path / "runs" / "same"  # an unrelated run folder of the same name keeps its records
+    other_run.mkdir(parents=True)
+    (other_run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(UsageError, match="holds a run's metrics.jsonl"):
+        report.archive_runs([first], tmp_path / "runs")
+    assert (other_run / "metrics.jsonl").read_text() == "{}\n" and not (other_run / "metrics.jsonl.gz").exists()
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "same").write_text("a file")
+    with pytest.raises(UsageError, match="is not a folder"):
+        report.archive_runs([first], tmp_path / "files")
     assert not (tmp_path / "archive").exists() and not (tmp_path / "a").exists()
 
 
