@@ -92,14 +92,15 @@ class LbgmEncoder:
                 new_lbgs[index] = LookbackGradient(tensors=tuple(decoded), version=round_number)
                 full.extend(layers[layer].full for layer in unit)
                 server_view = [d.to(torch.float32) for d in decoded]
+            if not (compressor_memory or error_feedback):
+                continue
             for layer, seen in zip(unit, server_view):
                 carried = torch.zeros_like(inputs[layer])
                 if compressor_memory:
                     carried += inputs[layer] - layers[layer].decoded
                 if error_feedback:
                     carried += layers[layer].decoded.to(torch.float32) - seen
-                if compressor_memory or error_feedback:
-                    memory[layer] = carried
+                memory[layer] = carried
         warm_q = {i: layer.warm_q for i, layer in enumerate(layers) if layer.warm_q is not None}
         return EncodedRound(full=full, scalars=scalars, new_lbgs=new_lbgs, memory=memory, warm_q=warm_q,
                             phase_errors=errors)
