@@ -11,13 +11,22 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
+
 import torch
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from lbgm.v1 import lbgm_pb2 as pb
 
 # ~1 MiB: big enough that per-message overhead vanishes, small enough to stay
 # far below gRPC's default 4 MiB receive limit.
 CHUNK_BYTES = 1 << 20
+# No model tensor has more dimensions (a convolution's weight has 4); a shape with
+# more is refused before anything is computed from it.
+MAX_DIMS = 8
+_SHOWN_DIMS = 8  # an error message quotes at most this many of a shape's dimensions
+# Values a shape may span counting zero dimensions as one: far above any tensor this system
+# holds, far below where torch's stride arithmetic overflows int64.
+MAX_EXTENT = 1 << 40
 
 _TORCH_TO_WIRE: dict[torch.dtype, int] = {
     torch.float32: pb.FLOAT32,
@@ -57,6 +66,46 @@ def element_size(wire: int) -> int:
     return torch.empty((), dtype=torch_dtype(wire)).element_size()
 
 
+def enum_name(enum: EnumTypeWrapper, value: int) -> str:
+    """The name of a protobuf enum value, or `unknown (77)`: proto3 enums arrive as any int32, and
+    `enum.Name` raises on values the .proto does not define, so error messages use this instead."""
+    try:
+        return enum.Name(value)
+    except ValueError:
+        return f"unknown ({value})"
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """A shape for an error message, cut to its first dimensions: a hostile one may list 100,000."""
+    if len(shape) <= _SHOWN_DIMS:
+        return str(list(shape))
+    shown = ", ".join(str(dim) for dim in shape[:_SHOWN_DIMS])
+    return f"[{shown}, ...] ({len(shape)} dimensions)"
+
+
+def announced_nbytes(meta: pb.TensorMeta, max_bytes: int) -> int:
+    """The byte count dtype x shape needs, checked against `meta.nbytes` and `max_bytes`.
+
+    The number of dimensions is checked before any arithmetic: at most MAX_DIMS int64 factors
+    make a product of at most 504 bits, where a shape of 100,000 dimensions of 2^62 would make
+    one of 6 million. Zero dimensions make a tensor empty but not small for torch (its strides
+    still multiply the other dimensions), so the non-zero dimensions' product is bounded too."""
+    size = element_size(meta.dtype)
+    shape = meta.shape
+    if len(shape) > MAX_DIMS:
+        raise CodecError(f"tensor has {len(shape)} dimensions, at most {MAX_DIMS} are allowed")
+    if any(dim < 0 for dim in shape):
+        raise CodecError(f"negative dimension in shape {shape_text(shape)}")
+    expected = math.prod(shape) * size
+    if expected > max_bytes or math.prod(max(dim, 1) for dim in shape) > MAX_EXTENT:
+        raise CodecError(f"tensor of shape {shape_text(shape)} and dtype {enum_name(pb.DType, meta.dtype)} "
+                         f"is larger than the limit of {max_bytes} bytes")
+    if meta.nbytes != expected:
+        raise CodecError(f"tensor of shape {shape_text(shape)} and dtype {enum_name(pb.DType, meta.dtype)} "
+                         f"needs {expected} bytes; header announced {meta.nbytes}")
+    return expected
+
+
 def tensor_meta(tensor: torch.Tensor) -> pb.TensorMeta:
     return pb.TensorMeta(
         dtype=wire_dtype(tensor.dtype),
@@ -88,17 +137,14 @@ def payload_view(tensors: Sequence[torch.Tensor]) -> memoryview:
 
 
 def tensor_from_bytes(data: bytes | bytearray, meta: pb.TensorMeta) -> torch.Tensor:
-    """Inverse of tensor_to_bytes; checks the byte count against dtype x shape."""
+    """Inverse of tensor_to_bytes; checks the byte count against dtype x shape (bounded by the
+    bytes that arrived, so no shape makes the check itself expensive)."""
     dtype = torch_dtype(meta.dtype)
     shape = tuple(meta.shape)
-    if any(dim < 0 for dim in shape):
-        raise CodecError(f"negative dimension in shape {list(shape)}")
-    expected = math.prod(shape) * element_size(meta.dtype)
-    if len(data) != expected or meta.nbytes != expected:
-        raise CodecError(
-            f"tensor of shape {list(shape)} and dtype {pb.DType.Name(meta.dtype)} needs "
-            f"{expected} bytes; header announced {meta.nbytes}, {len(data)} arrived"
-        )
+    expected = announced_nbytes(meta, max(len(data), meta.nbytes))
+    if len(data) != expected:
+        raise CodecError(f"tensor of shape {shape_text(shape)} and dtype {enum_name(pb.DType, meta.dtype)} "
+                         f"needs {expected} bytes, {len(data)} arrived")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     buffer = data if isinstance(data, bytearray) else bytearray(data)
@@ -130,6 +176,8 @@ class PayloadAssembler:
         self.nbytes = sum(meta.nbytes for meta in self.metas)
         if self.nbytes > max_bytes:
             raise CodecError(f"payload announces {self.nbytes} bytes, limit is {max_bytes}")
+        for meta in self.metas:  # every meta agrees with its dtype and shape before a byte is buffered
+            announced_nbytes(meta, max_bytes)
         self._buffer = bytearray(self.nbytes)  # allocated once: each chunk is then a single copy
         self._received = 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -26,6 +27,8 @@ from lbgm.v1 import lbgm_pb2 as pb
 
 COMPRESSORS = ("none", "topk", "sign", "qsgd", "lowrank")
 CODEC_OF = {"none": pb.DENSE, "topk": pb.TOPK, "sign": pb.SIGN, "qsgd": pb.QSGD, "lowrank": pb.LOWRANK}
+# How many tensors each codec's payload holds: the receiver refuses a FullGradient listing more.
+PAYLOAD_TENSORS = {pb.DENSE: 1, pb.TOPK: 2, pb.SIGN: 2, pb.QSGD: 2, pb.LOWRANK: 2}
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -60,9 +63,19 @@ class Compressed:
     lowrank_q: torch.Tensor | None = None  # PowerSGD's warm start for next round
 
 
+def topk_count(fraction: float, numel: int) -> int:
+    """Values top-k keeps of `numel`: ceil(fraction x numel), at least one, with the fraction taken
+    as the decimal it was written as (0.07 x 100 keeps 7; in binary floating point it is 7.000000000000001,
+    whose ceiling keeps 8)."""
+    return max(1, math.ceil(Fraction(repr(float(fraction))) * numel))
+
+
 def compress(settings: CompressorSettings, gradient: torch.Tensor, warm_q: torch.Tensor | None,
-             generator: torch.Generator) -> Compressed:
-    """One layer through the base compressor (no memory applied here)."""
+             generator: torch.Generator, dense_dtype: torch.dtype = torch.float32) -> Compressed:
+    """One layer through the base compressor (no memory applied here).
+
+    A DENSE payload (compressor none, or a layer low rank cannot shrink) travels in `dense_dtype`,
+    the run's wire dtype; the other codecs' payloads have the fixed dtypes of pb.Codec's comment."""
     shape = tuple(gradient.shape)
     codec = CODEC_OF[settings.name]
     flat = gradient.detach().to(torch.float32).reshape(-1)
@@ -70,9 +83,9 @@ def compress(settings: CompressorSettings, gradient: torch.Tensor, warm_q: torch
         codec = pb.DENSE
     new_q = None
     if codec == pb.DENSE:
-        parts = (gradient.detach().to(torch.float32).clone(),)
+        parts = (gradient.detach().to(dense_dtype, copy=True),)
     elif codec == pb.TOPK:
-        k = max(1, math.ceil(settings.topk_fraction * flat.numel()))
+        k = topk_count(settings.topk_fraction, flat.numel())
         indices = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
         parts = (indices.to(torch.int32), flat[indices].clone())
     elif codec == pb.SIGN:
@@ -87,9 +100,12 @@ def compress(settings: CompressorSettings, gradient: torch.Tensor, warm_q: torch
 
 
 def decode(codec: int, parts: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
-    """The dense float32 tensor a payload stands for; PayloadError if it cannot fit `shape`."""
+    """The dense tensor a payload stands for (float32; a DENSE payload as it travelled); PayloadError
+    if it cannot fit `shape`."""
     shape = tuple(shape)
     numel = math.prod(shape)
+    if codec not in PAYLOAD_TENSORS:
+        raise PayloadError(f"unknown codec {codec}")
     if codec == pb.DENSE:
         _expect(parts, 1, "a dense layer is one tensor")
         if tuple(parts[0].shape) != shape:
@@ -130,8 +146,21 @@ def decode(codec: int, parts: Sequence[torch.Tensor], shape: Sequence[int]) -> t
         if p.dtype != torch.float32 or q.dtype != torch.float32 or p.dim() != 2 or q.dim() != 2 \
                 or p.shape[0] != rows or q.shape[0] * rows != numel or p.shape[1] != q.shape[1]:
             raise PayloadError(f"low-rank factors {list(p.shape)} x {list(q.shape)} do not fit shape {list(shape)}")
-        return (p @ q.t()).reshape(shape)
-    raise PayloadError(f"unknown codec {codec}")
+        return outer_product_sum(p, q).reshape(shape)
+    raise AssertionError(f"codec {codec} is in PAYLOAD_TENSORS but not decoded")
+
+
+def outer_product_sum(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """P Q^T as the sum over the rank of the outer products p_j q_j^T, added in the order j = 0, 1, ...
+
+    Elementwise multiplication and addition are correctly rounded IEEE operations, so these bits are
+    the same on every CPU and thread count; a matrix product's are not (BLAS kernels choose their
+    own summation order and fuse multiply-adds). Worker and server must agree bit for bit, because
+    the result becomes the look-back gradient on both sides."""
+    total = torch.zeros(p.shape[0], q.shape[0], dtype=torch.float32)
+    for j in range(p.shape[1]):
+        total = total + p[:, j:j + 1] * q[:, j:j + 1].t()
+    return total
 
 
 def _factorising_pays(shape: tuple[int, ...], rank: int) -> bool:
@@ -187,7 +216,5 @@ def zero_payload(settings: CompressorSettings, shape: Sequence[int],
                  dense_dtype: torch.dtype) -> tuple[int, tuple[torch.Tensor, ...]]:
     """Codec and payload of an all-zero layer. Every codec's payload size depends only
     on the layer's shape, so this prices a full upload without a real gradient."""
-    if settings.name == "none":
-        return pb.DENSE, (torch.zeros(tuple(shape), dtype=dense_dtype),)
-    result = compress(settings, torch.zeros(tuple(shape)), None, torch.Generator().manual_seed(0))
+    result = compress(settings, torch.zeros(tuple(shape)), None, torch.Generator().manual_seed(0), dense_dtype)
     return result.codec, result.parts

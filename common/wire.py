@@ -20,8 +20,9 @@ import grpc
 import torch
 
 from lbgm.common.codec import (
-    CodecError, PayloadAssembler, payload_view, split_chunks, tensor_meta, tensor_to_bytes,
+    CodecError, PayloadAssembler, enum_name, payload_view, split_chunks, tensor_meta, tensor_to_bytes,
 )
+from lbgm.common.compressors import PAYLOAD_TENSORS
 from lbgm.v1 import lbgm_pb2 as pb
 
 GRPC_FRAME_BYTES = 5  # compressed-flag byte + 4-byte length before every message
@@ -123,6 +124,8 @@ class _PayloadReader:
     def add(self, data: bytes) -> None:
         if self._pending is None:
             raise MalformedStream("unexpected chunk: no payload was announced")
+        if not data:  # every chunk moves its payload on, so chunks are bounded by the announced bytes
+            raise MalformedStream("empty chunk: a TensorChunk must carry at least one byte")
         try:
             self._pending[1].add(data)
         except CodecError as error:
@@ -266,15 +269,30 @@ def read_update_header(stream: Iterator[pb.UpdatePart]) -> ReceivedUpdate:
     return update
 
 
+@dataclass(frozen=True)
+class UploadLimits:
+    """How many payloads an upload may list, from the model it updates: at most one FullGradient per
+    layer and one buffer message per model buffer, each layer index in [0, layers) and each buffer
+    index in [0, buffers). With the byte limits, the codec's tensor count per payload and non-empty
+    chunks, they bound what one upload can make the receiver hold and how many parts it may have."""
+
+    layers: int
+    buffers: int
+
+
 def read_update_body(update: ReceivedUpdate, stream: Iterator[pb.UpdatePart], max_tensor_bytes: int,
-                     max_update_bytes: int | None = None) -> ReceivedUpdate:
+                     max_update_bytes: int | None = None, limits: UploadLimits | None = None) -> ReceivedUpdate:
     """Reads full layers, the scalar part and buffers after the header into `update`.
 
-    `max_update_bytes` bounds the payload bytes announced by the whole stream, so a
-    sender repeating parts cannot make the receiver buffer without limit."""
+    `max_update_bytes` bounds the payload bytes announced by the whole stream and `limits` the
+    number of payloads, so a sender repeating or inventing parts cannot make the receiver buffer
+    without limit. Without `limits` (tools and tests that know no model) indices are not bounded
+    here; judge_update checks them against the model."""
     reader = _PayloadReader(max_tensor_bytes)
     current_kind = "full"
     announced = 0
+    layers_seen: set[int] = set()
+    buffers_seen: set[int] = set()
 
     def announce(metas: Sequence[pb.TensorMeta]) -> None:
         nonlocal announced
@@ -287,18 +305,40 @@ def read_update_body(update: ReceivedUpdate, stream: Iterator[pb.UpdatePart], ma
         update.full.append(FullLayer(head.layer, head.lbg_version, head.codec, tuple(payload)))
 
     def add_buffer(head: pb.ModelTensor, payload: list[torch.Tensor]) -> None:
-        if head.index in update.buffers:
-            raise MalformedStream(f"buffer {head.index} sent twice")
         update.buffers[head.index] = payload[0]
+
+    def check_full(head: pb.FullGradient) -> None:
+        """Before any of its bytes are buffered: a known codec, its number of tensors, a new layer."""
+        if head.codec not in PAYLOAD_TENSORS:
+            raise MalformedStream(f"layer {head.layer} uses codec {enum_name(pb.Codec, head.codec)}, "
+                                  f"known codecs are {sorted(map(pb.Codec.Name, PAYLOAD_TENSORS))}")
+        if len(head.parts) != PAYLOAD_TENSORS[head.codec]:
+            raise MalformedStream(f"layer {head.layer}'s {pb.Codec.Name(head.codec)} payload lists "
+                                  f"{len(head.parts)} tensors, expected {PAYLOAD_TENSORS[head.codec]}")
+        if limits is not None and head.layer >= limits.layers:
+            raise MalformedStream(f"layer {head.layer} out of range [0, {limits.layers})")
+        if head.layer in layers_seen:
+            raise MalformedStream(f"layer {head.layer} sent twice")
+        layers_seen.add(head.layer)
+
+    def check_buffer(head: pb.ModelTensor) -> None:
+        if limits is not None and head.index >= limits.buffers:
+            raise MalformedStream(f"buffer {head.index} out of range [0, {limits.buffers}): "
+                                  f"the model has {limits.buffers} buffers")
+        if head.index in buffers_seen:
+            raise MalformedStream(f"buffer {head.index} sent twice")
+        buffers_seen.add(head.index)
 
     for part in stream:
         kind = part.WhichOneof("part")
         if kind == "full":
             current_kind = "full"
+            check_full(part.full)
             announce(part.full.parts)
             reader.start(part.full, part.full.parts, part.full.data, add_full)
         elif kind == "buffer":
             current_kind = "buffer"
+            check_buffer(part.buffer)
             announce([part.buffer.meta])
             reader.start(part.buffer, [part.buffer.meta], part.buffer.data, add_buffer)
         elif kind == "chunk":  # continues the payload being read, and counts as its kind

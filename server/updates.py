@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lbgm.common.codec import enum_name
 from lbgm.common.compressors import PayloadError, decode
 from lbgm.common.lookback import LookbackGradient, RebuiltGradient, Unit, all_finite, rebuild_is_finite
 from lbgm.common.wire import ReceivedUpdate
@@ -34,7 +35,7 @@ class UploadRules:
 
     layer_shapes: tuple[tuple[int, ...], ...]
     units: tuple[Unit, ...]
-    dense_dtype: torch.dtype  # dtype of DENSE payloads (the run's wire dtype)
+    dense_dtype: torch.dtype  # dtype of every DENSE payload, with or without a compressor (the run's wire dtype)
     codec: int  # the run's base compressor; DENSE is always accepted too
     buffer_specs: tuple[tuple[tuple[int, ...], torch.dtype], ...] = ()  # model buffers to average
 
@@ -63,8 +64,8 @@ def _decoded_full_layers(update: ReceivedUpdate, round_number: int, rules: Uploa
             raise UpdateRejected(malformed, f"layer {item.layer} carries LBG version {item.lbg_version}, "
                                             f"expected the round {round_number}")
         if item.codec not in (pb.DENSE, rules.codec):
-            raise UpdateRejected(malformed, f"layer {item.layer} uses codec {pb.Codec.Name(item.codec)}, this run "
-                                            f"accepts {pb.Codec.Name(rules.codec)} or DENSE")
+            raise UpdateRejected(malformed, f"layer {item.layer} uses codec {enum_name(pb.Codec, item.codec)}, "
+                                            f"this run accepts {enum_name(pb.Codec, rules.codec)} or DENSE")
         if item.codec == pb.DENSE and item.parts and item.parts[0].dtype != rules.dense_dtype:
             raise UpdateRejected(malformed, f"layer {item.layer} has dtype {item.parts[0].dtype}, "
                                             f"expected {rules.dense_dtype}")

@@ -30,7 +30,7 @@ from lbgm.common.codec import (
     CodecError, PayloadAssembler, element_size, split_chunks, tensor_from_bytes, tensor_meta, tensor_to_bytes,
 )
 from lbgm.common.compressors import (
-    COMPRESSORS, CompressorSettings, compress, decode, pack_bits, unpack_bits, zero_payload,
+    COMPRESSORS, PAYLOAD_TENSORS, CompressorSettings, compress, decode, pack_bits, unpack_bits, zero_payload,
 )
 from lbgm.common.lookback import LookbackGradient, decision_units, rebuild
 from lbgm.common.wire import (
@@ -203,14 +203,15 @@ def with_data(part, data: bytes):
     return changed
 
 
-full_layers = st.builds(
-    FullLayer, layer=st.integers(0, 2**32 - 1), lbg_version=st.integers(0, 2**32 - 1),
-    codec=st.sampled_from(list(pb.Codec.values())), parts=st.lists(tensors(), min_size=1, max_size=3).map(tuple))
+full_layers = st.sampled_from(list(pb.Codec.values())).flatmap(lambda codec: st.builds(
+    FullLayer, layer=st.integers(0, 2**32 - 1), lbg_version=st.integers(0, 2**32 - 1), codec=st.just(codec),
+    parts=st.lists(tensors(), min_size=PAYLOAD_TENSORS[codec], max_size=PAYLOAD_TENSORS[codec]).map(tuple)))
 scalar_entries = st.builds(ScalarEntry, unit=st.integers(0, 2**32 - 1), rho=float32s,
                            lbg_version=st.integers(0, 2**32 - 1))
 headers = st.builds(pb.UpdateHeader, worker_id=st.integers(0, 2**32 - 1), token=st.binary(max_size=16),
                     round=st.integers(0, 2**32 - 1), num_samples=st.integers(0, 2**64 - 1), train_loss=float32s)
-update_streams = st.tuples(headers, st.lists(full_layers, max_size=3), st.lists(scalar_entries, max_size=3),
+update_streams = st.tuples(headers, st.lists(full_layers, max_size=3, unique_by=lambda full: full.layer),
+                           st.lists(scalar_entries, max_size=3),
                            st.lists(tensors(), max_size=2), st.integers(1, 48)).map(
     lambda t: (t, over_the_wire(rechunk(list(update_parts(t[0], t[1], t[2], t[3])), t[4]))))
 
