@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
+from lbgm.cli.credentials import new_secret, secret_variable
 from lbgm.cli.options import UsageError, environ_without_options
 from lbgm.common.config import ExperimentConfig, config_to_toml
 from lbgm.common.grpc_options import CHANNEL_OPTIONS
@@ -123,6 +124,8 @@ def launch(config: ExperimentConfig, out_dir: Path, placement: Placement, log_le
 
     children: list[subprocess.Popen] = []
     child_env = environ_without_options()  # children get every setting as a flag; no LBGM_* may change one
+    # ...but a secret, which a flag would show to every local user: only this federation's workers may join.
+    child_env[secret_variable("join-token")] = new_secret()
     interrupted = False
     started = time.monotonic()
     try:

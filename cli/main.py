@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import socket
 import sys
 from pathlib import Path
@@ -24,13 +25,17 @@ from pathlib import Path
 import grpc
 
 from lbgm.cli import analyze, certs, fetch, health, netlab, report, sweep
+from lbgm.cli.credentials import add_secret_arguments, read_secret
 from lbgm.cli.options import EnvParser, UsageError, add_log_level, configure_logging, worker_names
 from lbgm.cli.transport import (add_client_tls_arguments, add_server_tls_arguments, client_tls, server_tls,
                                 worker_tls)
 from lbgm.common.config import ConfigError, add_config_arguments, config_from_args
 from lbgm.common.datasets import DatasetError
+from lbgm.common.grpc_options import OPERATOR_TOKEN_KEY
 from lbgm.common.tls import ChannelTls, open_channel
+from lbgm.server.registry import check_worker_name
 from lbgm.server.allocator import MAX_MMAP_THRESHOLD, pin_mmap_threshold
+from lbgm.server.limits import CallLimits
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
@@ -75,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "per worker, at the cost of longer rounds (docs/PERFORMANCE.md, Scale); "
                              "0 keeps glibc's adaptive threshold (default: 0)")
     add_server_tls_arguments(server)
+    access = server.add_argument_group("access", "who may join, who may read the state digest, and how long a "
+                                                 "call may stall (docs/SECURITY.md)")
+    add_secret_arguments(access, "join-token", "enrollment secret every Join must carry; required to listen off "
+                                               "loopback without mutual TLS")
+    add_secret_arguments(access, "operator-token", "secret that unlocks GetStatus(include_state_digest) "
+                                                   "(default: the digest is off)")
+    access.add_argument("--stall-timeout", type=float, default=CallLimits.stall_seconds, metavar="SECONDS",
+                        help="cancel a call that waits longer than this for the client's next message, or for the "
+                             f"client to take the server's (default: {CallLimits.stall_seconds:g})")
     add_log_level(server)
     add_config_arguments(server)
 
@@ -101,12 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-cert-dir", type=Path,
         help="folder of client certificates as `lbgm certs` writes them: the virtual worker named X presents "
              "X.crt with key X.key ('/' in X written as '_')")
+    add_secret_arguments(worker.add_argument_group("access"), "join-token",
+                         "the server's enrollment secret, sent with every Join")
     add_log_level(worker)
 
     status = commands.add_parser("status", help="show a running server's progress")
     status.add_argument("--server", required=True, help="aggregator address, HOST:PORT")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("--digest", action="store_true",
+                        help="also print the state digest: SHA-256 over the model, the optimizer state, every LBG "
+                             "mirror and the open round's accepted uploads (needs the operator token)")
     add_client_tls_arguments(status)
+    add_secret_arguments(status.add_argument_group("access"), "operator-token", "the server's operator token")
     add_log_level(status)
     status.set_defaults(func=cmd_status)
     run.set_defaults(func=cmd_run)
@@ -123,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from lbgm.server.app import serve
+    from lbgm.server.app import Access, check_exposure, serve
     from lbgm.server.checkpoint import CheckpointError, CheckpointStore
 
     if not 0 <= args.metrics_port <= 65535:
@@ -135,10 +155,16 @@ def cmd_server(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     run_dir = args.out_dir / config.name
     resume = args.resume or (args.auto_resume and CheckpointStore.of_run(run_dir).exists())
+    try:
+        access = Access(tls, read_secret(args, "join-token"), read_secret(args, "operator-token"),
+                        CallLimits(stall_seconds=args.stall_timeout))
+        check_exposure(args.host, access)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if args.malloc_mmap_threshold and not pin_mmap_threshold(args.malloc_mmap_threshold):
         log.warning("--malloc-mmap-threshold ignored: the C library is not glibc")
     try:
-        serve(config, args.host, args.port, run_dir, args.port_file, tls=tls, resume=resume,
+        serve(config, args.host, args.port, run_dir, args.port_file, access=access, resume=resume,
               metrics_host=args.metrics_host or args.host, metrics_port=args.metrics_port)
     except CheckpointError as error:
         raise UsageError(str(error)) from None
@@ -157,22 +183,37 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise UsageError(f"--parallel-training must be >= 1, got {args.parallel_training}")
     if ":" not in args.server:
         raise UsageError(f"--server must look like HOST:PORT, got {args.server!r}")
+    if not (math.isfinite(args.poll_seconds) and args.poll_seconds >= 0):
+        raise UsageError(f"--poll-seconds must be a finite number >= 0, got {args.poll_seconds}")
     names = worker_names(args.name, args.virtual_workers)
+    try:
+        check_worker_name(names[-1])  # the longest name
+    except ValueError as error:
+        raise UsageError(f"--name: {error}") from None
     tls = worker_tls(args, names)
+    join_token = read_secret(args, "join-token")
     torch.set_num_threads(max(1, args.torch_threads))
     return run_virtual_workers(args.server, names, args.data_dir, args.poll_seconds,
                                RetryPolicy(give_up_seconds=args.give_up_after), args.state_dir, tls,
-                               args.parallel_training)
+                               args.parallel_training, join_token)
 
 
-def fetch_status(target: str, timeout: float = 5.0, tls: ChannelTls | None = None) -> pb.StatusReply:
+def fetch_status(target: str, timeout: float = 5.0, tls: ChannelTls | None = None,
+                 operator_token: bytes | None = None) -> pb.StatusReply:
+    """The server's status; with `operator_token`, its state digest too."""
+    metadata = ((OPERATOR_TOKEN_KEY, operator_token),) if operator_token is not None else None
     with open_channel(target, tls) as channel:
-        return pb_grpc.AggregatorStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)
+        return pb_grpc.AggregatorStub(channel).GetStatus(
+            pb.StatusRequest(include_state_digest=operator_token is not None), timeout=timeout, metadata=metadata)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    operator_token = read_secret(args, "operator-token")
+    if args.digest and operator_token is None:
+        raise UsageError("--digest needs the operator token: --operator-token or --operator-token-file")
     try:
-        status = fetch_status(args.server, tls=client_tls(args, args.tls_cert, args.tls_key))
+        status = fetch_status(args.server, tls=client_tls(args, args.tls_cert, args.tls_key),
+                              operator_token=operator_token if args.digest else None)
     except grpc.RpcError as error:
         raise UsageError(f"cannot reach {args.server}: {error.code().name}: {error.details()}") from None
     fields = {
@@ -180,6 +221,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "workers_joined": status.workers_joined, "test_accuracy": status.test_accuracy,
         "test_loss": status.test_loss, "uplink_bytes": status.uplink_bytes,
         "downlink_bytes": status.downlink_bytes, "finished": status.finished,
+        **({"state_digest": status.state_digest} if args.digest else {}),
     }
     if args.json:
         print(json.dumps(fields))

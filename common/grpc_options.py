@@ -28,3 +28,15 @@ SERVER_OPTIONS = [
 
 ERROR_DETAIL_KEY = "lbgm-error-bin"  # trailing metadata holding a serialized ErrorDetail
 PROTOCOL = "lbgm.v1"  # what JoinRequest.protocol must say
+
+# Call metadata carrying credentials, so the server checks them before it reads a request message
+# (documented next to the methods in lbgm.proto).
+WORKER_ID_KEY = "lbgm-worker-id"  # GetTask, SubmitUpdate: the worker id from JoinReply, in decimal
+WORKER_TOKEN_KEY = "lbgm-token-bin"  # GetTask, SubmitUpdate: the session token from JoinReply
+JOIN_TOKEN_KEY = "lbgm-join-token-bin"  # Join: the enrollment secret the operator gave the workers
+OPERATOR_TOKEN_KEY = "lbgm-operator-token-bin"  # GetStatus with include_state_digest: the operator's secret
+
+
+def worker_metadata(worker_id: int, token: bytes) -> tuple[tuple[str, str | bytes], ...]:
+    """The metadata a worker sends with GetTask and SubmitUpdate."""
+    return (WORKER_ID_KEY, str(worker_id)), (WORKER_TOKEN_KEY, token)

@@ -7,13 +7,33 @@ replaced, never mutated, so a reader never sees a half-written LBG.
 
 from __future__ import annotations
 
+import hashlib
 import threading
+
+import torch
+
 from lbgm.common.lookback import LookbackGradient
+
+
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's memory as bytes, for any dtype (numpy has no bfloat16)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensors_digest(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> bytes:
+    """SHA-256 over the tensors' dtypes, shapes and bytes, in order."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(repr((str(tensor.dtype), tuple(tensor.shape))).encode())
+        digest.update(raw_bytes(tensor))
+    return digest.digest()
 
 
 class MirrorStore:
     def __init__(self) -> None:
         self._entries: dict[int, dict[int, LookbackGradient]] = {}
+        # (worker, unit) -> (entry, digest of its tensors): each entry is hashed at most once while installed.
+        self._digests: dict[tuple[int, int], tuple[LookbackGradient, bytes]] = {}
         self._lock = threading.Lock()
 
     def get(self, worker_id: int, unit: int) -> LookbackGradient | None:
@@ -28,6 +48,28 @@ class MirrorStore:
         """Install all of one worker's new LBGs at once."""
         with self._lock:
             self._entries.setdefault(worker_id, {}).update(updates)
+            for unit in updates:
+                self._digests.pop((worker_id, unit), None)
+
+    def digest(self) -> bytes:
+        """SHA-256 over every entry's worker, unit, version and tensors, in order. An entry's tensors are
+        hashed the first time a digest needs them and remembered until the entry is replaced, so asking
+        again costs a pass over the entries' digests, not over K model copies."""
+        with self._lock:
+            entries = [((worker_id, unit), entry) for worker_id in sorted(self._entries)
+                       for unit, entry in sorted(self._entries[worker_id].items())]
+            known = dict(self._digests)
+        combined = hashlib.sha256()
+        for key, entry in entries:
+            cached = known.get(key)
+            if cached is None or cached[0] is not entry:
+                cached = (entry, tensors_digest(entry.tensors))
+                with self._lock:
+                    if self._entries.get(key[0], {}).get(key[1]) is entry:
+                        self._digests[key] = cached
+            combined.update(repr((*key, entry.version)).encode())
+            combined.update(cached[1])
+        return combined.digest()
 
     def versions(self, worker_id: int) -> dict[int, int]:
         return {unit: entry.version for unit, entry in self.of_worker(worker_id).items()}

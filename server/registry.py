@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass
+
+
+# What `lbgm worker --name` (a host name), its virtual workers (NAME-0, NAME-1 ...) and certificate
+# Common Names use. No spaces, quotes, newlines or control characters: a name goes into log lines,
+# file names and certificates as it is, and must not be able to forge a line or escape a terminal.
+WORKER_NAME = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+WORKER_NAME_RULE = "1-128 characters from A-Z a-z 0-9 . _ : @ / -"
+
+
+def check_worker_name(name: str) -> None:
+    """Raise ValueError, quoting the name escaped, unless it is a valid worker name."""
+    if WORKER_NAME.fullmatch(name) is None:
+        shown = repr(name if len(name) <= 64 else name[:64] + "...")
+        raise ValueError(f"worker name {shown} ({len(name)} characters) is not {WORKER_NAME_RULE}")
 
 
 class AuthError(PermissionError):
@@ -42,8 +57,7 @@ class Registry:
 
     def join(self, name: str) -> tuple[WorkerRecord, bool]:
         """(record, rejoined) for the worker called `name`."""
-        if not name or len(name) > 128:
-            raise ValueError(f"worker_name must be 1-128 characters, got {len(name)}")
+        check_worker_name(name)
         with self._lock:
             record = self._by_name.get(name)
             rejoined = record is not None

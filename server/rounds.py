@@ -18,6 +18,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from lbgm.server.checkpoint import CheckpointStore, ServerState
 from lbgm.server.accounting import RoundLedger, RunRecorder, resident_memory_bytes
 from lbgm.server.evaluation import evaluate, load_state
 from lbgm.server.metrics import ServerMetrics
-from lbgm.server.mirrors import MirrorStore
+from lbgm.server.mirrors import MirrorStore, tensors_digest
 from lbgm.server.registry import Registry, WorkerRecord
 from lbgm.server.updates import AcceptedUpdate, UpdateRejected, UploadRules, judge_update
 from lbgm.v1 import lbgm_pb2 as pb
@@ -63,11 +64,6 @@ class OpenRound:
     started: float
     accepted: dict[int, AcceptedUpdate] = field(default_factory=dict)
     equivalent_bytes: int = 0  # what the accepted uploads would have cost with delta = 0
-
-
-def raw_bytes(tensor: torch.Tensor) -> bytes:
-    """The tensor's memory as bytes, for any dtype (numpy has no bfloat16)."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def upload_rules(config: ExperimentConfig, model: torch.nn.Module) -> UploadRules:
@@ -178,12 +174,14 @@ class Coordinator:
             model_fingerprint=self.fingerprint,
         )
 
-    def wait_for_task(self, worker_id: int, max_wait: float) -> RoundTaskSnapshot | pb.Finished | None:
-        """The round task for this worker, Finished, or None after max_wait seconds."""
+    def wait_for_task(self, worker_id: int, max_wait: float,
+                      active: Callable[[], bool] = lambda: True) -> RoundTaskSnapshot | pb.Finished | None:
+        """The round task for this worker, Finished, or None after max_wait seconds or once `active()`
+        turns false (the caller hung up: call `wake` then, so the wait notices)."""
         end = time.monotonic() + max_wait
         self.metrics.heard_from(worker_id)
         with self._cond:
-            while True:
+            while active():
                 if self._finished:
                     self._told_finished.add(worker_id)
                     self._cond.notify_all()
@@ -195,6 +193,12 @@ class Coordinator:
                 if remaining <= 0:
                     return None
                 self._cond.wait(remaining)
+            return None
+
+    def wake(self) -> None:
+        """Make every waiting long poll check again whether its caller is still there."""
+        with self._cond:
+            self._cond.notify_all()
 
     def count_downlink(self, worker_id: int, kind: str, count: int) -> None:
         with self._cond:
@@ -278,18 +282,14 @@ class Coordinator:
             )
 
     def _state_digest(self) -> str:
-        """Hash of everything an upload may change (caller holds the lock); byte counters excluded."""
+        """Hash of everything an upload may change (caller holds the lock); byte counters excluded.
+        Costs one pass over the model: the mirrors' part hashes each LBG once while it is installed."""
         digest = hashlib.sha256()
         open_round = self._round
         digest.update(repr((self._completed, open_round.number if open_round else 0,
                             sorted(open_round.accepted) if open_round else [])).encode())
-        for tensor in (*self.params, *self.buffers, *(self.velocity or ())):
-            digest.update(raw_bytes(tensor))
-        for worker_id in self.registry.ids():
-            for unit, lbg in sorted(self.mirrors.of_worker(worker_id).items()):
-                digest.update(repr((worker_id, unit, lbg.version)).encode())
-                for tensor in lbg.tensors:
-                    digest.update(raw_bytes(tensor))
+        digest.update(tensors_digest([*self.params, *self.buffers, *(self.velocity or ())]))
+        digest.update(self.mirrors.digest())
         return digest.hexdigest()
 
     # ---------------------------------------------------------- driver

@@ -48,6 +48,12 @@ PROTO = Path(__file__).resolve().parents[1] / "proto" / "lbgm" / "v1" / "lbgm.pr
 CONFIG = ExperimentConfig(name="hostile", workers=3, min_workers=1, rounds=3, **{**FAST, "round_timeout": 120.0})
 SHARD_SAMPLES = 12_000 // CONFIG.workers  # the embedded training set split iid: what an honest header claims
 ERROR_DETAIL_KEY = "lbgm-error-bin"  # named in the .proto's ErrorDetail comment
+OPERATOR_TOKEN = "hostile-test-operator-token"  # unlocks the state digest (the .proto's service comment)
+
+
+def credentials(worker_id: int, token: bytes) -> tuple:
+    """The call metadata of a worker call (the .proto's service comment)."""
+    return ("lbgm-worker-id", str(worker_id)), ("lbgm-token-bin", token)
 CHUNK = 1 << 20
 SERVER_RECEIVE_LIMIT = 4 << 20  # lbgm.common.grpc_options.MAX_MESSAGE_BYTES: what the attacker must exceed
 
@@ -98,18 +104,22 @@ class Federation:
     round: int = 2  # the round every attack is aimed at
 
     def digest(self) -> str:
-        return self.stub.GetStatus(self.pb.StatusRequest(include_state_digest=True), timeout=30).state_digest
+        return self.stub.GetStatus(self.pb.StatusRequest(include_state_digest=True), timeout=30,
+                                   metadata=(("lbgm-operator-token-bin", OPERATOR_TOKEN.encode()),)).state_digest
 
     def status(self):
         return self.stub.GetStatus(self.pb.StatusRequest(), timeout=30)
 
     def submit(self, parts: Iterable):
-        return self.stub.SubmitUpdate(iter(parts), timeout=60)
+        """The upload, with the call metadata its header claims (the attacker's without a header)."""
+        parts = list(parts)
+        claimed = parts[0].header if parts and parts[0].WhichOneof("part") == "header" else self.attacker
+        return self.stub.SubmitUpdate(iter(parts), timeout=60, metadata=credentials(claimed.worker_id, claimed.token))
 
     def task_shapes(self, who: Identity) -> tuple[int, list[tuple[int, ...]]]:
         """Round number and tensor shapes of `who`'s task (long poll until one arrives)."""
         request = self.pb.TaskRequest(worker_id=who.worker_id, token=who.token, max_wait_seconds=20)
-        parts = list(self.stub.GetTask(request, timeout=60))
+        parts = list(self.stub.GetTask(request, timeout=60, metadata=credentials(who.worker_id, who.token)))
         assert parts[0].WhichOneof("part") == "task", f"{who.name} got {parts[0]} instead of a task"
         shapes = [tuple(p.tensor.meta.shape) for p in parts if p.WhichOneof("part") == "tensor"]
         return parts[0].task.round, shapes
@@ -305,7 +315,7 @@ ATTACKS = [
 def federation(tmp_path_factory, hostile_stubs) -> Iterator[Federation]:
     pb, pb_grpc = hostile_stubs
     tmp = tmp_path_factory.mktemp("hostile_run")
-    server = start_server(tmp, CONFIG)
+    server = start_server(tmp, CONFIG, ["--operator-token", OPERATOR_TOKEN])
     started: list[subprocess.Popen] = [server.process]
     channel = grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 << 20)])
     try:
@@ -403,7 +413,9 @@ def test_legit_worker_and_the_run_still_complete(federation):
                 assert error.code() == grpc.StatusCode.ALREADY_EXISTS, error.details()
     for who in (f.helper, f.attacker):  # hear that training finished, so the server need not wait for us
         request = f.pb.TaskRequest(worker_id=who.worker_id, token=who.token, max_wait_seconds=20)
-        while (part := next(iter(f.stub.GetTask(request, timeout=60)))).WhichOneof("part") != "finished":
+        metadata = credentials(who.worker_id, who.token)
+        while (part := next(iter(f.stub.GetTask(request, timeout=60, metadata=metadata)))).WhichOneof("part") \
+                != "finished":
             assert part.WhichOneof("part") == "idle", f"{who.name} was given {part}"
     assert f.legit.wait(timeout=120) == 0, (f.tmp / "legit.log").read_text()
     assert f.server.process.wait(timeout=60) == 0, f.server.log()

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from lbgm.common.config import ExperimentConfig
-from lbgm.common.grpc_options import PROTOCOL
+from lbgm.common.grpc_options import PROTOCOL, WORKER_ID_KEY, worker_metadata
 from lbgm.common.tls import ChannelTls, channel_credentials, is_loopback, open_channel, worker_cert_paths
 from lbgm.common.wire import update_parts
 from lbgm.v1 import lbgm_pb2 as pb
@@ -143,18 +143,18 @@ def test_worker_cannot_act_with_another_workers_token(server, pki):
     with as_worker(server, pki, "alice") as alice, as_worker(server, pki, "bob") as bob:
         join(alice, "alice")
         stolen = join(bob, "bob")
+        poll = pb.TaskRequest(worker_id=stolen.worker_id, token=stolen.token, max_wait_seconds=0)
+        as_bob = worker_metadata(stolen.worker_id, stolen.token)
         # Bob's own id and token are good: bob polls fine.
-        list(pb_grpc.AggregatorStub(bob).GetTask(
-            pb.TaskRequest(worker_id=stolen.worker_id, token=stolen.token, max_wait_seconds=0), timeout=10))
+        list(pb_grpc.AggregatorStub(bob).GetTask(poll, timeout=10, metadata=as_bob))
 
         stub = pb_grpc.AggregatorStub(alice)
         with pytest.raises(grpc.RpcError) as refused:
-            list(stub.GetTask(pb.TaskRequest(worker_id=stolen.worker_id, token=stolen.token, max_wait_seconds=0),
-                              timeout=10))
+            list(stub.GetTask(poll, timeout=10, metadata=as_bob))
         assert_unauthenticated(refused, "certificate is for 'alice', not for worker 'bob'")
         header = pb.UpdateHeader(worker_id=stolen.worker_id, token=stolen.token, round=1, num_samples=1)
         with pytest.raises(grpc.RpcError) as refused:
-            stub.SubmitUpdate(update_parts(header, [], []), timeout=10)
+            stub.SubmitUpdate(update_parts(header, [], []), timeout=10, metadata=as_bob)
         assert_unauthenticated(refused, "certificate is for 'alice', not for worker 'bob'")
 
 
@@ -162,8 +162,9 @@ def test_call_without_token_is_unauthenticated(server, pki):
     with as_worker(server, pki, "alice") as channel:
         reply = join(channel, "alice")
         with pytest.raises(grpc.RpcError) as refused:
-            list(pb_grpc.AggregatorStub(channel).GetTask(pb.TaskRequest(worker_id=reply.worker_id), timeout=10))
-    assert_unauthenticated(refused, "bad token")
+            list(pb_grpc.AggregatorStub(channel).GetTask(pb.TaskRequest(worker_id=reply.worker_id), timeout=10,
+                                                         metadata=((WORKER_ID_KEY, str(reply.worker_id)),)))
+    assert_unauthenticated(refused, "needs the call metadata lbgm-worker-id")
 
 
 # ------------------------------------------------------------------ the command line
@@ -182,10 +183,24 @@ def test_plaintext_on_a_network_address_needs_allow_insecure(tmp_path, processes
     refused = run("server", "--host", "0.0.0.0", "--port", "0", "--out-dir", str(tmp_path))
     assert refused.returncode == 2
     assert "--allow-insecure" in refused.stderr and "Traceback" not in refused.stderr
+    (tmp_path / "join-token").write_text("a-join-token-of-some-length\n")
     server = start_server(tmp_path, ExperimentConfig(name="open", workers=1, rounds=1, **FAST),
-                          ["--host", "0.0.0.0", "--allow-insecure"])
+                          ["--host", "0.0.0.0", "--allow-insecure", "--join-token-file", str(tmp_path / "join-token")])
     processes.append(server.process)
     assert "WARNING" in server.log() and "WITHOUT TLS" in server.log()
+
+
+@pytest.mark.parametrize("transport", [["--allow-insecure"], ["--tls-cert", "{pki}/server.crt", "--tls-key",
+                                                                 "{pki}/server.key"]], ids=["plaintext", "tls"])
+def test_a_network_address_needs_mutual_tls_or_a_join_token(tmp_path, pki, transport):
+    refused = run("server", "--host", "0.0.0.0", "--port", "0", "--out-dir", str(tmp_path),
+                  *(arg.format(pki=pki) for arg in transport))
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == ("lbgm server: error: --host 0.0.0.0 is reachable from other machines, and nothing "
+                              "tells the workers from anyone else: give a join token (--join-token-file or "
+                              "LBGM_JOIN_TOKEN, and the same to every worker) or mutual TLS (--tls-client-ca) "
+                              "(docs/SECURITY.md)\n")
+    assert not (tmp_path / "default").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("host, loopback", [

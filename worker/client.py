@@ -21,7 +21,7 @@ from typing import TypeVar
 import grpc
 
 from lbgm.common.codec import torch_dtype
-from lbgm.common.grpc_options import ERROR_DETAIL_KEY, PROTOCOL
+from lbgm.common.grpc_options import ERROR_DETAIL_KEY, JOIN_TOKEN_KEY, PROTOCOL, worker_metadata
 from lbgm.common.lookback import decision_units
 from lbgm.common.models import build_model, model_fingerprint
 from lbgm.common.state_files import lbgs_from_state, lbgs_to_state, save_atomic
@@ -77,10 +77,11 @@ class VirtualWorker:
     def __init__(self, name: str, target: str, data_dir: str = "", poll_seconds: float = 20.0,
                  retry: RetryPolicy = RetryPolicy(), stop: threading.Event | None = None,
                  state_dir: Path | None = None, tls: ChannelTls | None = None,
-                 training_slots: threading.Semaphore | None = None) -> None:
+                 training_slots: threading.Semaphore | None = None, join_token: bytes | None = None) -> None:
         self.name = name
         self.target = target
         self.tls = tls  # with mutual TLS, a client certificate whose Common Name is `name`
+        self.join_metadata = ((JOIN_TOKEN_KEY, join_token),) if join_token is not None else None
         self.training_slots = training_slots or threading.Semaphore(1)  # shared by a process's virtual workers
         self.data_dir = data_dir
         self.poll_seconds = poll_seconds
@@ -122,8 +123,8 @@ class VirtualWorker:
     # ------------------------------------------------------------ protocol
 
     def join(self, stub: pb_grpc.AggregatorStub) -> None:
-        reply = self._call(lambda: stub.Join(pb.JoinRequest(worker_name=self.name, protocol=PROTOCOL), timeout=30),
-                           "join")
+        reply = self._call(lambda: stub.Join(pb.JoinRequest(worker_name=self.name, protocol=PROTOCOL), timeout=30,
+                                             metadata=self.join_metadata), "join")
         self.worker_id, self.token = reply.worker_id, reply.token
         spec = reply.experiment
         if self.trainer is None:
@@ -152,7 +153,9 @@ class VirtualWorker:
                 request = pb.TaskRequest(worker_id=self.worker_id, token=self.token, max_wait_seconds=self.poll_seconds)
                 try:
                     result = self._call(
-                        lambda: read_task(stub.GetTask(request, timeout=self.poll_seconds + 30), MAX_MODEL_TENSOR_BYTES),
+                        lambda: read_task(stub.GetTask(request, timeout=self.poll_seconds + 30,
+                                                       metadata=worker_metadata(self.worker_id, self.token)),
+                                          MAX_MODEL_TENSOR_BYTES),
                         "poll for a task")
                 except grpc.RpcError as error:
                     if error.code() != grpc.StatusCode.UNAUTHENTICATED:
@@ -184,7 +187,8 @@ class VirtualWorker:
                                           settings.error_feedback)
             try:
                 self._call(lambda: submit(serialized_update_parts(header, encoded.full, encoded.scalars, buffers),
-                                          timeout=task.seconds_to_deadline + 30), "upload")
+                                          timeout=task.seconds_to_deadline + 30,
+                                          metadata=worker_metadata(self.worker_id, self.token)), "upload")
             except grpc.RpcError as error:
                 detail = error_detail(error)
                 reason = detail.reason if detail else pb.ErrorDetail.REASON_UNSPECIFIED
