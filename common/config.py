@@ -60,12 +60,15 @@ class ExperimentConfig:
     delta: float = _doc("LBGM threshold on the look-back phase error; 0 sends everything in full", 0.2)
     error_feedback: bool = _doc("carry each scalar update's residual g - rho*LBG into the next round's gradient", False)
     compressor: str = _doc(f"base compressor under LBGM: {', '.join(COMPRESSORS)}", "none")
-    topk_fraction: float = _doc("share of each layer's values that top-k keeps", 0.1)
+    topk_fraction: float = _doc("share of each layer's values that top-k keeps: ceil(fraction x size), at least 1",
+                                0.1)
     quantization_levels: int = _doc("QSGD levels per sign (1-127, int8 payload)", 127)
     lowrank_rank: int = _doc("rank of the low-rank (PowerSGD) compressor", 2)
     compressor_memory: bool = _doc("error feedback for the base compressor's own loss", True)
     granularity: str = _doc("one LBGM decision per 'layer' (parameter tensor) or for the whole 'model'", "layer")
-    wire_dtype: str = _doc(f"dtype of full gradients on the wire: {', '.join(WIRE_DTYPES)}", "float32")
+    wire_dtype: str = _doc(f"dtype of dense payloads on the wire: {', '.join(WIRE_DTYPES)}; with compressor none every "
+                           "layer, with lowrank its vectors; topk, sign, qsgd and the lowrank factors have fixed "
+                           "dtypes (float32 values and scales, int32 indices, packed bits, int8 levels)", "float32")
     round_timeout: float = _doc("seconds a round waits for sampled workers before closing with what arrived", 120.0)
     eval_batch_size: int = _doc("batch size of the server's test-set evaluation", 1000)
     checkpoint_every: int = _doc("write a resumable server checkpoint every N rounds (0: never)", 1)

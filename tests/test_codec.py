@@ -1,10 +1,14 @@
 """Tensor codec: raw little-endian bytes + dtype + shape, chunked."""
 
+import re
+import time
+
 import pytest
 import torch
 
 from lbgm.common.codec import (
-    CHUNK_BYTES, CodecError, PayloadAssembler, split_chunks, tensor_from_bytes, tensor_meta, tensor_to_bytes,
+    CHUNK_BYTES, MAX_DIMS, CodecError, PayloadAssembler, enum_name, shape_text, split_chunks, tensor_from_bytes,
+    tensor_meta, tensor_to_bytes,
 )
 from lbgm.v1 import lbgm_pb2 as pb
 
@@ -79,3 +83,41 @@ def test_announcement_over_the_limit_is_refused():
 def test_unknown_dtype_is_refused():
     with pytest.raises(CodecError, match="unknown wire dtype"):
         tensor_from_bytes(b"", pb.TensorMeta(dtype=pb.DTYPE_UNSPECIFIED, shape=[0], nbytes=0))
+
+
+def test_a_shape_of_100000_huge_dimensions_is_refused_at_once_with_a_short_message():
+    """Issue 13, item 1: the shape used to be multiplied out (31 s under the GIL) and the error
+    message then failed to format the 6-million-bit product."""
+    meta = pb.TensorMeta(dtype=pb.FLOAT32, shape=[2**62] * 100_000, nbytes=0)
+    started = time.perf_counter()
+    for check in (lambda: tensor_from_bytes(b"", meta), lambda: PayloadAssembler([meta], max_bytes=1 << 30)):
+        with pytest.raises(CodecError, match=f"100000 dimensions, at most {MAX_DIMS}") as refused:
+            check()
+        assert len(str(refused.value)) < 200
+    assert time.perf_counter() - started < 0.1
+
+
+def test_a_long_shape_is_quoted_cut_short():
+    assert shape_text([3] * 9) == "[3, 3, 3, 3, 3, 3, 3, 3, ...] (9 dimensions)"
+    assert shape_text([200, 784]) == "[200, 784]"
+
+
+@pytest.mark.parametrize("shape, message", [
+    ([2**62, 2**62], "larger than the limit of 1024 bytes"),  # the product is never built past 8 factors
+    ([0, 2**40, 2**40], "larger than the limit"),  # empty, but torch's strides would overflow
+    ([3, -1], "negative dimension in shape [3, -1]"),
+])
+def test_a_meta_is_checked_before_a_byte_is_buffered(shape, message):
+    with pytest.raises(CodecError, match=re.escape(message)):
+        PayloadAssembler([pb.TensorMeta(dtype=pb.FLOAT32, shape=shape, nbytes=0)], max_bytes=1024)
+
+
+def test_a_meta_whose_nbytes_contradicts_its_shape_is_refused_before_its_data():
+    with pytest.raises(CodecError, match="needs 16 bytes; header announced 12"):
+        PayloadAssembler([pb.TensorMeta(dtype=pb.FLOAT32, shape=[2, 2], nbytes=12)], max_bytes=1024)
+
+
+def test_enum_names_are_total():
+    assert enum_name(pb.Codec, pb.TOPK) == "TOPK"
+    assert enum_name(pb.Codec, 77) == "unknown (77)"
+    assert enum_name(pb.DType, -5) == "unknown (-5)"

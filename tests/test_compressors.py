@@ -2,18 +2,19 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from lbgm.common.codec import tensor_to_bytes
 from lbgm.common.compressors import (
-    CompressorSettings, PayloadError, compress, decode, pack_bits, unpack_bits, zero_payload,
+    CompressorSettings, PayloadError, compress, decode, pack_bits, topk_count, unpack_bits, zero_payload,
 )
 from lbgm.common.lookback import decision_units
 from lbgm.common.wire import read_update_body, read_update_header, update_parts
 from lbgm.server.updates import UploadRules, judge_update
 from lbgm.v1 import lbgm_pb2 as pb
-from lbgm.worker.encoder import LbgmEncoder
+from lbgm.worker.encoder import LbgmEncoder, compressor_settings
 
 SHAPE = (64, 50)  # 3200 values: 12,800 bytes dense
 NUMEL = math.prod(SHAPE)
@@ -131,3 +132,79 @@ def test_topk_error_feedback_carries_what_was_dropped():
     assert torch.equal(encoder.memory[0], torch.tensor([0.0, -3.0, 2.0, 1.0]))
     second = encoder.encode([torch.zeros(4)], 2, delta=0.0, wire_dtype=torch.float32)
     assert torch.equal(second.full[0].parts[1], torch.tensor([-3.0]))  # the carried value now wins
+
+
+LOWRANK_CASES = [((5, 7), 1), ((5, 7), 3), ((16, 3, 3), 2), ((40, 30), 4)]
+
+
+@pytest.mark.parametrize("shape, rank", LOWRANK_CASES)
+def test_lowrank_decode_is_the_fixed_order_sum_of_outer_products_bit_for_bit(shape, rank):
+    """Issue 13, item 13: element (i, k) is ((p_i0 q_k0 + p_i1 q_k1) + p_i2 q_k2) + ..., each operation a
+    correctly rounded float32 one (numpy scalars here), so every CPU gets these bits; a matrix
+    product's kernel chooses its own order and fuses multiply-adds."""
+    generator = torch.Generator().manual_seed(rank)
+    rows, cols = shape[0], math.prod(shape[1:])
+    p, q = torch.randn(rows, rank, generator=generator), torch.randn(cols, rank, generator=generator)
+    pn, qn = p.numpy(), q.numpy()
+    expected = np.zeros((rows, cols), dtype=np.float32)
+    for i in range(rows):
+        for k in range(cols):
+            total = np.float32(0)
+            for j in range(rank):
+                total = np.float32(total + np.float32(pn[i, j] * qn[k, j]))
+            expected[i, k] = total
+    decoded = decode(pb.LOWRANK, (p, q), shape)
+    assert decoded.dtype == torch.float32 and decoded.shape == shape
+    assert tensor_to_bytes(decoded) == expected.tobytes()
+
+
+def test_lowrank_decode_does_not_depend_on_the_thread_count():
+    generator = torch.Generator().manual_seed(0)
+    p, q = torch.randn(300, 4, generator=generator), torch.randn(500, 4, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        decoded = []
+        for count in (1, 2, 4):
+            torch.set_num_threads(count)
+            decoded.append(tensor_to_bytes(decode(pb.LOWRANK, (p, q), (300, 500))))
+    finally:
+        torch.set_num_threads(threads)
+    assert decoded[0] == decoded[1] == decoded[2]
+
+
+@pytest.mark.parametrize("fraction, numel, kept", [
+    (0.1, 400_000, 40_000),  # the audit's case: a float32 0.1 kept 40,001
+    (0.1, 156_800, 15_680),
+    (0.07, 100, 7),  # 0.07 * 100 is 7.000000000000001 in binary floating point
+    (0.25, 10, 3),  # ceil
+    (0.001, 10, 1),  # at least one
+    (1.0, 17, 17),
+])
+def test_topk_keeps_the_ceiling_of_the_decimal_fraction(fraction, numel, kept):
+    assert topk_count(fraction, numel) == kept
+    result = compress(CompressorSettings(name="topk", topk_fraction=fraction), torch.randn(numel), None,
+                      torch.Generator())
+    assert result.parts[0].numel() == kept
+
+
+def test_topk_fraction_travels_exactly_in_round_settings():
+    settings = pb.TrainSettings.FromString(pb.TrainSettings(codec=pb.TOPK, topk_fraction=0.1).SerializeToString())
+    assert compressor_settings(settings).topk_fraction == 0.1
+
+
+@pytest.mark.parametrize("wire_dtype", [torch.float16, torch.bfloat16])
+def test_lowrank_sends_the_vectors_it_cannot_shrink_in_the_wire_dtype(wire_dtype):
+    """Issue 13, item 10: the server expects every DENSE payload in the wire dtype; the low-rank
+    fallback sent float32 and every upload was refused."""
+    shapes = (SHAPE, (50,))
+    units = tuple(decision_units(2, "layer"))
+    settings = CompressorSettings(name="lowrank")
+    rules = UploadRules(layer_shapes=shapes, units=units, dense_dtype=wire_dtype, codec=pb.LOWRANK)
+    encoded = LbgmEncoder(units, settings).encode([torch.randn(s) for s in shapes], 1, delta=0.5,
+                                                  wire_dtype=wire_dtype)
+    assert [(f.codec, [p.dtype for p in f.parts]) for f in encoded.full] == \
+        [(pb.LOWRANK, [torch.float32, torch.float32]), (pb.DENSE, [wire_dtype])]
+    stream = iter(update_parts(pb.UpdateHeader(round=1, num_samples=5), encoded.full, encoded.scalars))
+    accepted = judge_update(read_update_body(read_update_header(stream), stream, 1 << 20), 1, rules, {})
+    assert [tensor_to_bytes(t) for t in accepted.new_mirrors[1].tensors] == \
+        [tensor_to_bytes(t) for t in encoded.new_lbgs[1].tensors]

@@ -102,6 +102,7 @@ class Federation:
     attacker: Identity
     shapes: list[tuple[int, ...]]
     round: int = 2  # the round every attack is aimed at
+    malformed: int = 0  # MALFORMED refusals so far: the round's record must count each
 
     def digest(self) -> str:
         return self.stub.GetStatus(self.pb.StatusRequest(include_state_digest=True), timeout=30,
@@ -238,8 +239,17 @@ def without_header(f: Federation) -> list:
     return upload(f, f.attacker)[1:]
 
 
-def same_layer_over_and_over(f: Federation) -> list:
-    return [header(f, f.attacker), *(full_layer(f, 0, np.zeros(f.shapes[0], "<f4"))[0] for _ in range(4))]
+def every_layer_as_big_as_the_largest(f: Federation) -> list:
+    """Each layer index once, each announcing layer 0's 627 kB: the third passes a model's worth."""
+    return [header(f, f.attacker), *(part for layer in range(3)
+                                     for part in full_layer(f, layer, np.zeros(f.shapes[0], "<f4")))]
+
+
+def with_codec(f: Federation, codec: int) -> list:
+    """A valid attacker upload whose layer 0 names `codec` (which may be one the .proto lacks)."""
+    parts = upload(f, f.attacker)
+    parts[1].full.codec = codec
+    return parts
 
 
 class Attack(NamedTuple):
@@ -275,8 +285,16 @@ ATTACKS = [
         f, 1, full_layer(f, 1, np.zeros(f.shapes[1], "<f4"), data=b"\0" * 400, nbytes=400)),
            INVALID, "MALFORMED", "needs 800 bytes; header announced 400"),
     Attack("truncated stream", truncated, INVALID, "MALFORMED", "announced 627200 bytes but its data ended early"),
-    Attack("a whole model's worth exceeded", same_layer_over_and_over,
+    Attack("a whole model's worth exceeded", every_layer_as_big_as_the_largest,
            INVALID, "MALFORMED", "more than the limit of"),
+    Attack("codec the proto does not define", lambda f: with_codec(f, 77),
+           INVALID, "MALFORMED", "layer 0 uses codec unknown (77)"),
+    Attack("codec of another run", lambda f: with_codec(f, f.pb.TOPK),
+           INVALID, "MALFORMED", "layer 0's TOPK payload lists 1 tensors, expected 2"),
+    Attack("a layer sent twice", lambda f: upload(f, f.attacker)[:2] + upload(f, f.attacker)[1:],
+           INVALID, "MALFORMED", "layer 0 sent twice"),
+    Attack("an empty chunk", lambda f: [*upload(f, f.attacker)[:2], f.pb.UpdatePart(chunk=f.pb.TensorChunk())],
+           INVALID, "MALFORMED", "empty chunk"),
     Attack("stale round", lambda f: upload(f, f.attacker, round_number=1),
            FAILED, "ROUND_CLOSED", "round 1 is not open (current round: 2)"),
     Attack("future round", lambda f: upload(f, f.attacker, round_number=3),
@@ -300,7 +318,7 @@ ATTACKS = [
     Attack("buffer the model does not have", lambda f: upload(f, f.attacker) + [f.pb.UpdatePart(
         buffer=f.pb.ModelTensor(index=0, meta=f.pb.TensorMeta(dtype=f.pb.FLOAT32, shape=[1], nbytes=4),
                                 data=b"\0" * 4))],
-           INVALID, "MALFORMED", "expected model buffers"),
+           INVALID, "MALFORMED", "buffer 0 out of range [0, 0)"),
     Attack("message over the size limit", over_the_message_size_limit,
            grpc.StatusCode.RESOURCE_EXHAUSTED, None, "larger than max"),
     Attack("missing header", without_header, INVALID, "MALFORMED", "must start with its header, got full"),
@@ -360,27 +378,84 @@ def test_bad_upload_is_refused_precisely_and_changes_nothing(federation, attack)
     else:
         assert f.pb.ErrorDetail.Reason.Name(detail.reason) == attack.reason
         assert tuple(detail.stale_units) == attack.stale_units
+        f.malformed += attack.reason == "MALFORMED"
     assert f.digest() == before, f"{attack.name} changed the server's state"
     assert f.status().round == f.round
 
 
-def test_an_endless_stream_is_cut_off_at_a_models_worth_of_bytes(federation):
+def submit_lazily(f: Federation, who: Identity, parts: Iterator):
+    """An upload whose parts are made only as gRPC sends them, so a test sees how far the server read."""
+    return f.stub.SubmitUpdate(parts, timeout=60, metadata=credentials(who.worker_id, who.token))
+
+
+def refused_malformed(f: Federation, send: Callable[[], Any], message: str) -> float:
+    """Seconds until `send` was refused with INVALID_ARGUMENT / MALFORMED naming `message`; the state is unchanged."""
+    before = f.digest()
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as refused:
+        send()
+    elapsed = time.monotonic() - started
+    assert refused.value.code() == INVALID and message in refused.value.details(), refused.value.details()
+    assert error_detail(f, refused.value).reason == f.pb.ErrorDetail.MALFORMED
+    f.malformed += 1
+    assert f.digest() == before
+    return elapsed
+
+
+ENDLESS = {  # what the attacker repeats after a header and layer 0, and where the server says stop
+    "the same layer": (lambda f: full_layer(f, 0, np.zeros(f.shapes[0], "<f4"))[0], "layer 0 sent twice"),
+    "a chunk": (lambda f: f.pb.UpdatePart(chunk=f.pb.TensorChunk(data=b"\0" * CHUNK)), "but more arrived"),
+    "an empty chunk": (lambda f: f.pb.UpdatePart(chunk=f.pb.TensorChunk()), "empty chunk"),
+}
+
+
+@pytest.mark.parametrize("repeated", ENDLESS, ids=list(ENDLESS))
+def test_an_endless_stream_is_cut_off_at_the_first_part_the_model_does_not_need(federation, repeated):
+    """Issue 13, item 2: an upload holds at most one part per layer and buffer, a scalar part, and
+    chunks of at least one byte up to what the parts announced; the first part beyond is refused."""
     f = federation
+    make, message = ENDLESS[repeated]
     sent = 0
 
     def endless() -> Iterator:
         nonlocal sent
         yield header(f, f.attacker)
-        layer = full_layer(f, 0, np.zeros(f.shapes[0], "<f4"))[0]
-        for sent in range(1, 101):  # 63 MB if the server never says stop
-            yield layer
+        yield full_layer(f, 0, np.zeros(f.shapes[0], "<f4"))[0]
+        part = make(f)
+        for sent in range(1, 101):  # 100 MB of chunks if the server never says stop
+            yield part
 
-    before = f.digest()
-    with pytest.raises(grpc.RpcError) as refused:
-        f.submit(endless())
-    assert refused.value.code() == INVALID and "more than the limit of" in refused.value.details()
-    assert sent < 50, f"the server read {sent} copies of a 627 kB layer before refusing"
-    assert f.digest() == before
+    refused_malformed(f, lambda: submit_lazily(f, f.attacker, endless()), message)
+    assert sent < 10, f"the server let {sent} copies of a part through before refusing"
+
+
+def test_a_shape_of_100000_dimensions_is_refused_in_bounded_time(federation):
+    """Issue 13, item 1: a 900 kB TensorMeta of 100,000 dimensions of 2^62 held every server
+    thread for 31 s (the shape was multiplied out) and ended in UNKNOWN."""
+    f = federation
+    meta = f.pb.TensorMeta(dtype=f.pb.FLOAT32, shape=[2**62] * 100_000, nbytes=0)
+    bomb = f.pb.UpdatePart(full=f.pb.FullGradient(layer=0, lbg_version=f.round, parts=[meta]))
+    assert 890_000 < bomb.ByteSize() < SERVER_RECEIVE_LIMIT
+    elapsed = refused_malformed(f, lambda: f.submit([header(f, f.attacker), bomb]),
+                                "tensor has 100000 dimensions, at most 8 are allowed")
+    assert elapsed < 3.0, f"refused after {elapsed:.1f} s"
+
+
+def resident_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+
+
+def test_fifty_thousand_empty_tensors_per_message_are_refused_without_growing_memory(federation):
+    """Issue 13, item 2: 20 messages listing 50,000 empty tensors each added 340 MB in 10 s."""
+    f = federation
+    empty = f.pb.TensorMeta(dtype=f.pb.FLOAT32, shape=[0], nbytes=0)
+    message = f.pb.UpdatePart(full=f.pb.FullGradient(layer=0, lbg_version=f.round, parts=[empty] * 50_000))
+    parts = [header(f, f.attacker), *[message] * 20]
+    rss_before = resident_bytes(f.server.process.pid)
+    elapsed = refused_malformed(f, lambda: f.submit(parts), "layer 0's DENSE payload lists 50000 tensors, expected 1")
+    growth = resident_bytes(f.server.process.pid) - rss_before
+    assert elapsed < 3.0 and growth < 8 << 20, f"refused after {elapsed:.1f} s, server grew by {growth} bytes"
 
 
 def test_duplicate_upload_is_refused_after_the_first_is_accepted(federation):
@@ -423,4 +498,5 @@ def test_legit_worker_and_the_run_still_complete(federation):
     assert summary["rounds_completed"] == CONFIG.rounds
     records = [json.loads(line) for line in (f.server.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["participants"] for r in records] == [[1], [1, 2], [1, 2, 3]]
+    assert records[1]["refused"].get("MALFORMED", 0) == f.malformed, "every malformed upload counts as refused"
     assert math.isfinite(records[-1]["test_loss"])

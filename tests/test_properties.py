@@ -27,15 +27,15 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lbgm.common.codec import (
-    CodecError, PayloadAssembler, element_size, split_chunks, tensor_from_bytes, tensor_meta, tensor_to_bytes,
+    MAX_EXTENT, CodecError, PayloadAssembler, element_size, split_chunks, tensor_from_bytes, tensor_meta, tensor_to_bytes,
 )
 from lbgm.common.compressors import (
     COMPRESSORS, PAYLOAD_TENSORS, CompressorSettings, compress, decode, pack_bits, unpack_bits, zero_payload,
 )
 from lbgm.common.lookback import LookbackGradient, decision_units, rebuild
 from lbgm.common.wire import (
-    EncodedTensor, FullLayer, MalformedStream, ReceivedUpdate, ScalarEntry, read_task, read_update_body,
-    read_update_header, task_parts, update_parts, wire_size,
+    EncodedTensor, FullLayer, MalformedStream, ReceivedUpdate, ScalarEntry, UploadLimits, read_task,
+    read_update_body, read_update_header, task_parts, update_parts, wire_size,
 )
 from lbgm.server.updates import UpdateRejected, UploadRules, judge_update
 from lbgm.v1 import lbgm_pb2 as pb
@@ -150,7 +150,8 @@ def test_bytes_decode_only_when_dtype_shape_and_sizes_all_agree(tensor, nbytes_c
         size = math.prod(meta.shape) * element_size(meta.dtype)
     except CodecError:
         size = None  # a dtype the wire does not define
-    agree = size is not None and min(meta.shape, default=0) >= 0 and size == len(data) == meta.nbytes
+    agree = size is not None and min(meta.shape, default=0) >= 0 and size == len(data) == meta.nbytes \
+        and math.prod(max(dim, 1) for dim in meta.shape) <= MAX_EXTENT  # torch's strides must not overflow
     try:
         decoded = tensor_from_bytes(data, meta)
     except CodecError:
@@ -366,7 +367,8 @@ def test_any_stream_is_accepted_or_refused_with_the_protocols_own_errors(parts, 
     # A huge but finite LBG entry: any |rho| > 3.4 would rebuild it to Inf.
     mirrors = {1: LookbackGradient((torch.tensor([1.0, -2.0, 1e38]),), lbg_version)} if lbg_version else {}
     try:
-        update = read_update_body(read_update_header(stream), stream, max_tensor_bytes=256, max_update_bytes=512)
+        update = read_update_body(read_update_header(stream), stream, max_tensor_bytes=256, max_update_bytes=512,
+                                  limits=UploadLimits(layers=2, buffers=0))
     except MalformedStream:
         event("malformed stream")
         return

@@ -58,7 +58,7 @@ class LbgmEncoder:
         if self.compressor.name == "none":
             sent = x.detach().to(wire_dtype, copy=True)
             return CompressedLayer(FullLayer.dense(layer, round_number, sent), sent, None)
-        result = compress(self.compressor, x, self.warm_q.get(layer), self._generator)
+        result = compress(self.compressor, x, self.warm_q.get(layer), self._generator, wire_dtype)
         return CompressedLayer(FullLayer(layer, round_number, result.codec, result.parts), result.decoded,
                                result.lowrank_q)
 

@@ -26,7 +26,20 @@ if _version_not_supported:
 
 
 class AggregatorStub:
-    """Missing associated documentation comment in .proto file."""
+    """Credentials travel in call metadata, so the server checks them before it
+    reads a message:
+    Join:                 `lbgm-join-token-bin`, the enrollment secret, when
+    the server has one (else UNAUTHENTICATED).
+    GetTask, SubmitUpdate: `lbgm-worker-id` (decimal) and `lbgm-token-bin`,
+    the worker id and token of JoinReply (else
+    UNAUTHENTICATED); the ids and tokens inside
+    TaskRequest and UpdateHeader must be the same.
+    GetStatus with include_state_digest: `lbgm-operator-token-bin`.
+    Each message of a call, in either direction, must cross within the
+    server's stall timeout (default 60 s), else the call is cancelled. A
+    worker runs one GetTask and one SubmitUpdate at a time: a newer call of
+    the same kind cancels the older one.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -57,7 +70,20 @@ class AggregatorStub:
 
 
 class AggregatorServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Credentials travel in call metadata, so the server checks them before it
+    reads a message:
+    Join:                 `lbgm-join-token-bin`, the enrollment secret, when
+    the server has one (else UNAUTHENTICATED).
+    GetTask, SubmitUpdate: `lbgm-worker-id` (decimal) and `lbgm-token-bin`,
+    the worker id and token of JoinReply (else
+    UNAUTHENTICATED); the ids and tokens inside
+    TaskRequest and UpdateHeader must be the same.
+    GetStatus with include_state_digest: `lbgm-operator-token-bin`.
+    Each message of a call, in either direction, must cross within the
+    server's stall timeout (default 60 s), else the call is cancelled. A
+    worker runs one GetTask and one SubmitUpdate at a time: a newer call of
+    the same kind cancels the older one.
+    """
 
     def Join(self, request, context):
         """Register (or re-register) a worker; returns its identity and the
@@ -124,7 +150,20 @@ def add_AggregatorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Aggregator:
-    """Missing associated documentation comment in .proto file."""
+    """Credentials travel in call metadata, so the server checks them before it
+    reads a message:
+    Join:                 `lbgm-join-token-bin`, the enrollment secret, when
+    the server has one (else UNAUTHENTICATED).
+    GetTask, SubmitUpdate: `lbgm-worker-id` (decimal) and `lbgm-token-bin`,
+    the worker id and token of JoinReply (else
+    UNAUTHENTICATED); the ids and tokens inside
+    TaskRequest and UpdateHeader must be the same.
+    GetStatus with include_state_digest: `lbgm-operator-token-bin`.
+    Each message of a call, in either direction, must cross within the
+    server's stall timeout (default 60 s), else the call is cancelled. A
+    worker runs one GetTask and one SubmitUpdate at a time: a newer call of
+    the same kind cancels the older one.
+    """
 
     @staticmethod
     def Join(request,
