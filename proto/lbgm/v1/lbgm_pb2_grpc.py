@@ -27,14 +27,12 @@ if _version_not_supported:
 
 class AggregatorStub:
     """Credentials travel in call metadata, so the server checks them before it
-    reads a message:
-    Join:                 `lbgm-join-token-bin`, the enrollment secret, when
-    the server has one (else UNAUTHENTICATED).
-    GetTask, SubmitUpdate: `lbgm-worker-id` (decimal) and `lbgm-token-bin`,
-    the worker id and token of JoinReply (else
-    UNAUTHENTICATED); the ids and tokens inside
+    reads a message (a missing or wrong one: UNAUTHENTICATED):
+    - Join: `lbgm-join-token-bin`, the enrollment secret, if the server has one.
+    - GetTask, SubmitUpdate: `lbgm-worker-id` (decimal) and `lbgm-token-bin`,
+    the worker id and token of JoinReply; the ids and tokens inside
     TaskRequest and UpdateHeader must be the same.
-    GetStatus with include_state_digest: `lbgm-operator-token-bin`.
+    - GetStatus with include_state_digest: `lbgm-operator-token-bin`.
     Each message of a call, in either direction, must cross within the
     server's stall timeout (default 60 s), else the call is cancelled. A
     worker runs one GetTask and one SubmitUpdate at a time: a newer call of
@@ -71,14 +69,12 @@ class AggregatorStub:
 
 class AggregatorServicer:
     """Credentials travel in call metadata, so the server checks them before it
-    reads a message:
-    Join:                 `lbgm-join-token-bin`, the enrollment secret, when
-    the server has one (else UNAUTHENTICATED).
-    GetTask, SubmitUpdate: `lbgm-worker-id` (decimal) and `lbgm-token-bin`,
-    the worker id and token of JoinReply (else
-    UNAUTHENTICATED); the ids and tokens inside
+    reads a message (a missing or wrong one: UNAUTHENTICATED):
+    - Join: `lbgm-join-token-bin`, the enrollment secret, if the server has one.
+    - GetTask, SubmitUpdate: `lbgm-worker-id` (decimal) and `lbgm-token-bin`,
+    the worker id and token of JoinReply; the ids and tokens inside
     TaskRequest and UpdateHeader must be the same.
-    GetStatus with include_state_digest: `lbgm-operator-token-bin`.
+    - GetStatus with include_state_digest: `lbgm-operator-token-bin`.
     Each message of a call, in either direction, must cross within the
     server's stall timeout (default 60 s), else the call is cancelled. A
     worker runs one GetTask and one SubmitUpdate at a time: a newer call of
@@ -151,14 +147,12 @@ def add_AggregatorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Aggregator:
     """Credentials travel in call metadata, so the server checks them before it
-    reads a message:
-    Join:                 `lbgm-join-token-bin`, the enrollment secret, when
-    the server has one (else UNAUTHENTICATED).
-    GetTask, SubmitUpdate: `lbgm-worker-id` (decimal) and `lbgm-token-bin`,
-    the worker id and token of JoinReply (else
-    UNAUTHENTICATED); the ids and tokens inside
+    reads a message (a missing or wrong one: UNAUTHENTICATED):
+    - Join: `lbgm-join-token-bin`, the enrollment secret, if the server has one.
+    - GetTask, SubmitUpdate: `lbgm-worker-id` (decimal) and `lbgm-token-bin`,
+    the worker id and token of JoinReply; the ids and tokens inside
     TaskRequest and UpdateHeader must be the same.
-    GetStatus with include_state_digest: `lbgm-operator-token-bin`.
+    - GetStatus with include_state_digest: `lbgm-operator-token-bin`.
     Each message of a call, in either direction, must cross within the
     server's stall timeout (default 60 s), else the call is cancelled. A
     worker runs one GetTask and one SubmitUpdate at a time: a newer call of
