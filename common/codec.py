@@ -137,8 +137,8 @@ def payload_view(tensors: Sequence[torch.Tensor]) -> memoryview:
 
 
 def tensor_from_bytes(data: bytes | bytearray, meta: pb.TensorMeta) -> torch.Tensor:
-    """Inverse of tensor_to_bytes; checks the byte count against dtype x shape (bounded by the
-    bytes that arrived, so no shape makes the check itself expensive)."""
+    """Inverse of tensor_to_bytes; checks the byte count against dtype x shape (announced_nbytes:
+    no shape makes the check itself expensive)."""
     dtype = torch_dtype(meta.dtype)
     shape = tuple(meta.shape)
     expected = announced_nbytes(meta, max(len(data), meta.nbytes))
