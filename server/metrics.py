@@ -103,7 +103,8 @@ class ServerMetrics:
                                  ["kind"], registry=registry)
         self._units = Counter("lbgm_units_uploaded", "decision units of accepted uploads, sent as one scalar "
                               "or in full", ["kind"], registry=registry)
-        self._refused = Counter("lbgm_refused_uploads", "uploads refused, by ErrorDetail reason",
+        self._refused = Counter("lbgm_refused_uploads", "uploads refused, by ErrorDetail reason; UNAUTHENTICATED "
+                                "counts every call refused for its credentials (join, poll, upload, state digest)",
                                 ["reason"], registry=registry)
         self._round_seconds = Histogram("lbgm_round_duration_seconds", "from opening a round to its metrics "
                                         "record: waiting for uploads, aggregation, evaluation",
