@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -55,6 +54,29 @@ def refusal(call: Callable[[], object]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as refused:
         call()
     return refused.value
+
+
+class Staller:
+    """Calls that open and then send nothing until `release()`."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
+        self.event = threading.Event()
+        self.calls: list[grpc.Future] = []
+
+    def _silence(self) -> Iterator[bytes]:
+        self.event.wait(120)
+        yield from ()
+
+    def open(self, method: str, count: int, metadata: tuple = ()) -> None:
+        call = self.channel.stream_unary(f"{SERVICE}/{method}", request_serializer=bytes,
+                                         response_deserializer=bytes)
+        self.calls += [call.future(self._silence(), timeout=120, metadata=metadata or None) for _ in range(count)]
+
+    def release(self) -> None:
+        self.event.set()
+        for call in self.calls:
+            call.cancel()
 
 
 # ------------------------------------------------------------------ a server in this process
@@ -152,6 +174,25 @@ def test_a_stream_that_stops_sending_is_cancelled_after_the_stall_timeout(in_pro
     assert 2.0 <= time.monotonic() - started < 5.0  # --stall-timeout 2 in this fixture
 
 
+def test_stalled_status_calls_fill_only_their_own_pool_and_only_until_the_stall_timeout(in_process):
+    _, channel = in_process
+    stub = pb_grpc.AggregatorStub(channel)
+    reply = join(stub, "worker")
+    staller = Staller(channel)
+    try:
+        staller.open("GetStatus", CallLimits.control_calls)  # unary requests whose message never comes
+        assert wait_until(lambda: threads_in("_received") == CallLimits.control_calls, 5.0)
+        started = time.monotonic()
+        error = refusal(lambda: stub.GetStatus(pb.StatusRequest(), timeout=5))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 1.0
+        assert poll(stub, reply, 0)[0].WhichOneof("part") == "idle"  # a worker's call still runs
+        assert wait_until(lambda: all(call.done() for call in staller.calls), 4.0)  # stall timeout 2 s
+        assert {call.code() for call in staller.calls} == {grpc.StatusCode.CANCELLED}
+        assert stub.GetStatus(pb.StatusRequest(), timeout=5).total_rounds == 1
+    finally:
+        staller.release()
+
+
 # ------------------------------------------------------------------ credentials before any message
 
 
@@ -233,29 +274,6 @@ def timed_status(stub: pb_grpc.AggregatorStub, latencies: list[float]) -> pb.Sta
     status = stub.GetStatus(pb.StatusRequest(), timeout=5)
     latencies.append(time.monotonic() - started)
     return status
-
-
-class Staller:
-    """Calls that open and then send nothing until `release()`."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        self.channel = channel
-        self.event = threading.Event()
-        self.calls: list[grpc.Future] = []
-
-    def _silence(self) -> Iterator[bytes]:
-        self.event.wait(120)
-        yield from ()
-
-    def open(self, method: str, count: int, metadata: tuple = ()) -> None:
-        call = self.channel.stream_unary(f"{SERVICE}/{method}", request_serializer=bytes,
-                                         response_deserializer=bytes)
-        self.calls += [call.future(self._silence(), timeout=120, metadata=metadata or None) for _ in range(count)]
-
-    def release(self) -> None:
-        self.event.set()
-        for call in self.calls:
-            call.cancel()
 
 
 def test_stalled_streams_neither_stop_the_rounds_nor_lbgm_status(guarded_server, tmp_path, processes):
