@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from lbgm.common.compressors import COMPRESSORS, CompressorSettings
 from lbgm.common.datasets import DATASETS
 from lbgm.common.models import MODELS
 from lbgm.common.partition import PARTITIONS
+from lbgm.common.robust import RobustRule
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 GRANULARITIES = ("layer", "model")
@@ -72,6 +74,12 @@ class ExperimentConfig:
     round_timeout: float = _doc("seconds a round waits for sampled workers before closing with what arrived", 120.0)
     eval_batch_size: int = _doc("batch size of the server's test-set evaluation", 1000)
     checkpoint_every: int = _doc("write a resumable server checkpoint every N rounds (0: never)", 1)
+    update_norm_bound: float = _doc("a layer of an update whose norm exceeds this many times that layer's median "
+                                    "over the round's updates is scaled down to the median (needs >= 3 updates; "
+                                    "0 = off)", 10.0)
+    loss_guard_ratio: float = _doc("keep the previous model when a round's test loss exceeds this many times the "
+                                   "previous one and the previous + 1 (0 = off; non-finite models are always kept out)",
+                                   2.0)
 
     def __post_init__(self) -> None:
         checks = [
@@ -95,6 +103,9 @@ class ExperimentConfig:
             (self.round_timeout > 0, f"round_timeout must be > 0, got {self.round_timeout}"),
             (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
+            (0.0 <= self.update_norm_bound < math.inf, f"update_norm_bound must be finite and >= 0, got {self.update_norm_bound}"),
+            (self.loss_guard_ratio == 0.0 or 1.0 < self.loss_guard_ratio < math.inf,
+             f"loss_guard_ratio must be 0 (off) or finite and > 1, got {self.loss_guard_ratio}"),
         ]
         problems = [message for ok, message in checks if not ok]
         try:
@@ -109,6 +120,10 @@ class ExperimentConfig:
         return CompressorSettings(name=self.compressor, topk_fraction=self.topk_fraction,
                                   quantization_levels=self.quantization_levels, lowrank_rank=self.lowrank_rank,
                                   memory=self.compressor_memory)
+
+    @property
+    def robust_rule(self) -> RobustRule:
+        return RobustRule(norm_bound=self.update_norm_bound, loss_ratio=self.loss_guard_ratio)
 
     @property
     def effective_server_lr(self) -> float:

@@ -109,6 +109,11 @@ class ServerMetrics:
         self._round_seconds = Histogram("lbgm_round_duration_seconds", "from opening a round to its metrics "
                                         "record: waiting for uploads, aggregation, evaluation",
                                         buckets=ROUND_SECONDS_BUCKETS, registry=registry)
+        self._clipped = Counter("lbgm_clipped_updates", "accepted updates with a layer beyond update_norm_bound "
+                                "times the round's median norm, scaled down to the median", registry=registry)
+        self._discarded = Counter("lbgm_discarded_rounds", "rounds whose new model was discarded by the round "
+                                  "guard (non-finite, or test loss jumped); the previous model was kept",
+                                  registry=registry)
         for counter, labels in ((self._uplink, UPLINK_KINDS), (self._downlink, DOWNLINK_KINDS),
                                 (self._units, UNIT_KINDS), (self._refused, REFUSAL_REASONS)):
             for label in labels:
@@ -145,8 +150,10 @@ class ServerMetrics:
         self._uplink.labels("refused").inc(wire_bytes)
         self._refused.labels(pb.ErrorDetail.Reason.Name(reason)).inc()
 
-    def round_closed(self, seconds: float) -> None:
+    def round_closed(self, seconds: float, clipped_updates: int, discarded: bool) -> None:
         self._round_seconds.observe(seconds)
+        self._clipped.inc(clipped_updates)
+        self._discarded.inc(int(discarded))
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:

@@ -26,11 +26,10 @@ import torch
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.datasets import load_dataset
 from lbgm.common.compressors import CODEC_OF, zero_payload
-from lbgm.common.lookback import (
-    aggregation_weights, average_buffers, decision_units, server_sgd_step, weighted_sum,
-)
+from lbgm.common.lookback import aggregation_weights, decision_units
 from lbgm.common.models import build_model, model_fingerprint
 from lbgm.common.partition import format_class_summary, partition, sample_workers
+from lbgm.common.robust import GlobalModel, aggregate_round
 from lbgm.common.state_files import lbgs_to_state, save_atomic
 from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_parts, wire_size
 from lbgm.server.checkpoint import CheckpointStore, ServerState
@@ -338,6 +337,19 @@ class Coordinator:
                 log.info("waiting for workers: %d of %d joined", len(self._present), needed)
                 self._cond.wait(10.0)
 
+    def _evaluate(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> tuple[float, float]:
+        """(test accuracy, test loss) of a model state; the driver thread alone uses self.model."""
+        load_state(self.model, params, buffers)
+        return evaluate(self.model, self.test_set, self.config.eval_batch_size)
+
+    def _model_before_round(self) -> GlobalModel:
+        """The global model with its test figures, which the round guard compares against
+        (evaluated here only before the first round, when no round has measured it)."""
+        accuracy, loss = self._last_eval
+        if not math.isfinite(loss):
+            accuracy, loss = self._evaluate(self.params, self.buffers)
+        return GlobalModel(self.params, self.velocity, self.buffers, accuracy, loss)
+
     def _run_round(self, number: int) -> None:
         with self._cond:
             present = sorted(self._present)
@@ -362,20 +374,24 @@ class Coordinator:
             closed, self._round = self._round, None
             ledger, self._ledger = self._ledger, RoundLedger()
         participants = sorted(closed.accepted)
+        previous = self._model_before_round()
+        outcome = None
         if participants:
             updates = [closed.accepted[w] for w in participants]
+            outcome = aggregate_round(previous, [u.gradient for u in updates], [u.buffers for u in updates],
+                                      [u.num_samples for u in updates], c.robust_rule, c.effective_server_lr,
+                                      c.server_momentum, self._evaluate)
+            if outcome.refusal:
+                log.warning("round %d discarded, the previous model is kept: %s", number, outcome.refusal)
+            kept = outcome.model
+            self.params, self.velocity, self.buffers = kept.params, kept.velocity, kept.buffers
+            accuracy, loss = kept.accuracy, kept.loss
             weights = aggregation_weights([u.num_samples for u in updates])
-            aggregated = weighted_sum([u.gradient for u in updates], weights)
-            self.params, self.velocity = server_sgd_step(
-                self.params, aggregated, self.velocity, c.effective_server_lr, c.server_momentum)
-            if self.buffers:
-                self.buffers = average_buffers([u.buffers for u in updates], weights)
             train_loss = float(sum(w * u.train_loss for w, u in zip(weights, updates)))
         else:
             log.warning("round %d: no update arrived before the deadline; model unchanged", number)
+            accuracy, loss = previous.accuracy, previous.loss
             train_loss = math.nan
-        load_state(self.model, self.params, self.buffers)
-        accuracy, loss = evaluate(self.model, self.test_set, c.eval_batch_size)
         with self._cond:
             self._completed = number
             self._last_eval = (accuracy, loss)
@@ -396,13 +412,17 @@ class Coordinator:
             "full_equivalent_floats": len(participants) * sum(p.numel() for p in self.params),
             "full_units": sum(u.full_units for u in closed.accepted.values()),
             "scalar_units": sum(u.scalar_units for u in closed.accepted.values()),
+            "clipped_updates": outcome.clipped_updates if outcome else 0,
+            "clipped_layers": outcome.clipped_layers if outcome else 0,
+            "round_discarded": bool(outcome and outcome.refusal),
+            "candidate_test_loss": outcome.candidate_loss if outcome else math.nan,
             "round_seconds": time.monotonic() - started,
             "elapsed_seconds": time.monotonic() - self._started,
             "server_rss_bytes": resident_memory_bytes(),
             "mirror_bytes": self.mirrors.nbytes(),
         }
         self.recorder.add_round(record)
-        self.metrics.round_closed(record["round_seconds"])
+        self.metrics.round_closed(record["round_seconds"], record["clipped_updates"], record["round_discarded"])
         log.info("round %d/%d: accuracy %.4f loss %.4f, %d/%d workers, %d scalar / %d full units, uplink %d B",
                  number, c.rounds, accuracy, loss, len(participants), len(sampled), record["scalar_units"],
                  record["full_units"], record["uplink_bytes"])

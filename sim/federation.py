@@ -17,9 +17,9 @@ import torch
 
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.datasets import load_dataset
-from lbgm.common.lookback import aggregation_weights, average_buffers, server_sgd_step, weighted_sum
 from lbgm.common.models import build_model
 from lbgm.common.partition import partition, sample_workers
+from lbgm.common.robust import GlobalModel, aggregate_round
 from lbgm.common.wire import ReceivedUpdate
 from lbgm.server.evaluation import evaluate, load_state
 from lbgm.server.mirrors import MirrorStore
@@ -47,6 +47,8 @@ class SimulationResult:
 
 
 def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> SimulationResult:
+    """Run the whole federation in this process. The server's round rule (lbgm.common.robust) evaluates
+    every round; `evaluate_every_round` says whether every record carries test figures, or only the last."""
     data_dir = Path(config.data_dir) if config.data_dir else None
     train = load_dataset(config.dataset, "train", data_dir)
     test = load_dataset(config.dataset, "test", data_dir)
@@ -69,7 +71,12 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
     }
     mirrors = MirrorStore()
     result = SimulationResult(params=params, buffers=buffers, mirrors=mirrors, workers=workers)
-    velocity = None
+
+    def evaluate_model(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> tuple[float, float]:
+        load_state(model, params, buffers)
+        return evaluate(model, test, config.eval_batch_size)
+
+    current = GlobalModel(params, None, buffers, *evaluate_model(params, buffers))
     ids = sorted(workers)
     for number in range(1, config.rounds + 1):
         started = time.monotonic()
@@ -89,22 +96,22 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
             mirrors.replace(worker_id, verdict.new_mirrors)
             worker.encoder.commit(encoded)
             accepted.append(verdict)
-        weights = aggregation_weights([a.num_samples for a in accepted])
-        aggregated = weighted_sum([a.gradient for a in accepted], weights)
-        result.params, velocity = server_sgd_step(result.params, aggregated, velocity,
-                                                  config.effective_server_lr, config.server_momentum)
-        if result.buffers:
-            result.buffers = average_buffers([a.buffers for a in accepted], weights)
+        outcome = aggregate_round(current, [a.gradient for a in accepted], [a.buffers for a in accepted],
+                                  [a.num_samples for a in accepted], config.robust_rule,
+                                  config.effective_server_lr, config.server_momentum, evaluate_model)
+        current = outcome.model
+        result.params, result.buffers = current.params, current.buffers
         record = {
             "round": number,
             "full_units": sum(a.full_units for a in accepted),
             "scalar_units": sum(a.scalar_units for a in accepted),
             "floats_uploaded": sum(a.floats_uploaded for a in accepted),
             "full_equivalent_floats": len(accepted) * sum(p.numel() for p in params),
+            "clipped_updates": outcome.clipped_updates,
+            "round_discarded": outcome.refusal is not None,
         }
         if evaluate_every_round or number == config.rounds:
-            load_state(model, result.params, result.buffers)
-            record["test_accuracy"], record["test_loss"] = evaluate(model, test, config.eval_batch_size)
+            record["test_accuracy"], record["test_loss"] = current.accuracy, current.loss
         record["round_seconds"] = time.monotonic() - started
         result.rounds.append(record)
     return result
