@@ -275,7 +275,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", nargs="+", type=int, default=[10, 50, 100, 200], metavar="K",
                         help="numbers of virtual workers, one federation each per dtype (default: 10 50 100 200)")
     parser.add_argument("--wire-dtypes", nargs="+", default=[BASELINE_DTYPE, "float16"], choices=WIRE_DTYPES,
-                        metavar="DTYPE", help=f"any of {', '.join(WIRE_DTYPES)}: dtype of full gradients on the wire "
+                        metavar="DTYPE", help=f"any of {', '.join(WIRE_DTYPES)}: dtype of dense full gradients on the wire "
                                               "and in the mirrors; savings are against float32 when it is listed "
                                               "(default: float32 float16)")
     parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=ALLOCATORS,

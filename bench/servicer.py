@@ -17,13 +17,14 @@ from multiprocessing.connection import Connection
 import grpc
 
 from lbgm.common.grpc_options import SERVER_OPTIONS
-from lbgm.common.wire import MalformedStream, read_update_body, read_update_header
+from lbgm.common.wire import MalformedStream, UploadLimits, read_update_body, read_update_header
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
 from bench.common import wait_for_stop
 
 HOST = "127.0.0.1"
+BENCH_UPLOAD_LIMITS = UploadLimits(layers=1, buffers=0)  # the benchmark's model: one layer, no buffers
 
 
 class BenchAggregator(pb_grpc.AggregatorServicer):
@@ -37,7 +38,7 @@ class BenchAggregator(pb_grpc.AggregatorServicer):
         try:
             # A benchmark upload holds one layer, so the bound on a whole upload is that on one tensor.
             update = read_update_body(read_update_header(stream), stream, self.max_tensor_bytes,
-                                      self.max_tensor_bytes)
+                                      self.max_tensor_bytes, BENCH_UPLOAD_LIMITS)
         except MalformedStream as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return pb.UpdateAck(round=update.header.round, full_units=len(update.full),
