@@ -1,18 +1,23 @@
-"""Resumable server checkpoints, written after every completed round.
+"""Resumable server checkpoints, written after every `checkpoint_every` completed rounds.
 
 Layout of `<run>/checkpoint/`:
 
-    lbg/w<worker>-u<unit>-v<version>.pt   one file per LBG mirror entry
-    manifest.pt                           everything else, and which LBG files are current
+    lbg/w<worker>-u<unit>-v<version>-<sha16>.pt   one file per LBG mirror entry
+    manifest.pt                                   everything else, and which LBG files are current
 
-An LBG file's name carries its version, and a mirror entry is immutable once
-written (a new full upload makes a new version, never an edit), so a round
-writes only the entries that changed since the last checkpoint: scalar
-uploads cost no checkpoint I/O at all. The manifest is the commit point: it
-is replaced atomically, LBG files it names are written (and fsynced) before
-it, and files it no longer names are deleted only after it. A crash at any
-moment therefore leaves either the previous complete checkpoint or the new
-one, never a mixture.
+The manifest is the commit point and the only thing trusted: it names every
+current LBG file with the SHA-256 of its tensors, and loading checks each file
+against it. A file's name carries its version and the first 16 hex digits of
+that digest, so two different tensors never share a name, even when a round
+redone after a crash gives the same (worker, unit, version) another content.
+
+A save writes an LBG file unless the committed manifest already names that
+file with the same digest (a mirror entry is immutable once written, so
+scalar-only rounds cost no LBG I/O). Files go first (temporary name, fsync,
+rename), then the manifest is replaced the same way, then every file the new
+manifest does not name is deleted: those of earlier rounds and any left by a
+checkpoint that crashed or failed before its manifest. A crash at any moment
+therefore leaves either the previous complete checkpoint or the new one.
 
 On disk a checkpoint is about (K x LBG units + 2) model copies: every
 worker's mirrors, the global model and the server momentum.
@@ -31,11 +36,12 @@ import torch
 
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.lookback import LookbackGradient
-from lbgm.common.state_files import load, save_atomic
+from lbgm.common.faults import crash_point
+from lbgm.common.state_files import content_digest, load, save_atomic
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: LBG files named and verified by content digest; last accepted round per worker
 # Settings a resumed run may change: where data lives and how the server is operated, plus the
 # round count (to extend a finished run). Every other field defines the experiment and must match.
 RESUMABLE_CHANGES = frozenset({"data_dir", "round_timeout", "checkpoint_every", "eval_batch_size", "min_workers",
@@ -43,7 +49,11 @@ RESUMABLE_CHANGES = frozenset({"data_dir", "round_timeout", "checkpoint_every", 
 
 
 class CheckpointError(RuntimeError):
-    """No usable checkpoint: missing, unreadable, or written by a different experiment."""
+    """No usable checkpoint: missing, unreadable, damaged, or written by a different experiment."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the previous one is still committed."""
 
 
 @dataclass
@@ -56,13 +66,24 @@ class ServerState:
     velocity: list[torch.Tensor] | None
     workers: list[tuple[int, str, int]]  # (id, name, shard) of every registered worker
     mirrors: dict[int, dict[int, LookbackGradient]]  # worker id -> unit -> LBG
+    last_accepted: dict[int, int]  # worker id -> last round whose upload from it was aggregated
     metrics: list[dict[str, Any]]  # the per-round records so far
     totals: dict[str, int]  # uplink / downlink bytes so far
     elapsed_seconds: float
 
 
-def lbg_file_name(worker_id: int, unit: int, version: int) -> str:
-    return f"w{worker_id}-u{unit}-v{version}.pt"
+@dataclass(frozen=True)
+class LbgFile:
+    """One mirror entry as the manifest names it."""
+
+    worker_id: int
+    unit: int
+    version: int
+    digest: str  # SHA-256 of the tensors (content_digest)
+
+    @property
+    def name(self) -> str:
+        return f"w{self.worker_id}-u{self.unit}-v{self.version}-{self.digest[:16]}.pt"
 
 
 class CheckpointStore:
@@ -70,6 +91,8 @@ class CheckpointStore:
         self.directory = directory
         self.manifest_path = directory / "manifest.pt"
         self.lbg_dir = directory / "lbg"
+        self._committed: dict[str, str] | None = None  # LBG file name -> digest, as the committed manifest has it
+        self._digests: dict[tuple[int, int], tuple[LookbackGradient, str]] = {}  # each immutable entry hashed once
 
     @classmethod
     def of_run(cls, run_dir: Path) -> CheckpointStore:
@@ -81,14 +104,8 @@ class CheckpointStore:
     def resumable_round(self, config: ExperimentConfig) -> int | None:
         """The rounds completed by a readable checkpoint of exactly this experiment, else None: lets
         `lbgm sweep` continue an interrupted run instead of starting it again."""
-        if not self.exists():
-            return None
-        try:
-            manifest = load(self.manifest_path)
-        except Exception:  # noqa: BLE001 - unreadable means "not resumable"; the run starts afresh
-            return None
-        if manifest.get("format") != FORMAT_VERSION or config_differences(manifest["config"],
-                                                                           dataclasses.asdict(config)):
+        manifest = self._read_manifest()
+        if manifest is None or config_differences(manifest["config"], dataclasses.asdict(config)):
             return None
         return int(manifest["completed_rounds"])
 
@@ -97,40 +114,53 @@ class CheckpointStore:
         if self.directory.exists():
             log.info("starting afresh: removing the previous checkpoint in %s", self.directory)
             shutil.rmtree(self.directory)
+        self._committed = {}
 
     def save(self, state: ServerState, config: ExperimentConfig) -> int:
-        """Write a checkpoint of `state`; returns the bytes of LBG files written this time."""
+        """Write a checkpoint of `state`; returns the bytes of LBG files written this time.
+
+        On an OSError (a full disk) the files this attempt wrote are removed and the error, which
+        names the file, is raised: the previous checkpoint stays the committed one.
+        """
+        committed = self._committed_files()
         self.lbg_dir.mkdir(parents=True, exist_ok=True)
-        on_disk = {path.name for path in self.lbg_dir.glob("*.pt")}
-        current: dict[str, tuple[int, int, int]] = {}
+        crash_point("checkpoint.begin")
+        files = [self._lbg_file(worker_id, unit, lbg)
+                 for worker_id, entries in state.mirrors.items() for unit, lbg in entries.items()]
         written = 0
-        for worker_id, entries in state.mirrors.items():
-            for unit, lbg in entries.items():
-                name = lbg_file_name(worker_id, unit, lbg.version)
-                current[name] = (worker_id, unit, lbg.version)
-                if name not in on_disk:
-                    save_atomic(self.lbg_dir / name, list(lbg.tensors))
-                    written += sum(t.numel() * t.element_size() for t in lbg.tensors)
-        manifest = {
-            "format": FORMAT_VERSION,
-            "config": dataclasses.asdict(config),
-            "completed_rounds": state.completed_rounds,
-            "params": state.params,
-            "buffers": state.buffers,
-            "velocity": state.velocity,
-            "workers": state.workers,
-            "lbg_files": sorted(current.items()),
-            "metrics": state.metrics,
-            "totals": state.totals,
-            "elapsed_seconds": state.elapsed_seconds,
-        }
-        save_atomic(self.manifest_path, manifest)
-        for name in on_disk - current.keys():
-            (self.lbg_dir / name).unlink(missing_ok=True)
+        try:
+            for file in files:
+                if committed.get(file.name) == file.digest:
+                    continue
+                crash_point("checkpoint.lbg.begin")
+                tensors = state.mirrors[file.worker_id][file.unit].tensors
+                save_atomic(self.lbg_dir / file.name, list(tensors), crash_label="checkpoint.lbg")
+                written += sum(t.numel() * t.element_size() for t in tensors)
+            manifest = {
+                "format": FORMAT_VERSION,
+                "config": dataclasses.asdict(config),
+                "completed_rounds": state.completed_rounds,
+                "params": state.params,
+                "buffers": state.buffers,
+                "velocity": state.velocity,
+                "workers": state.workers,
+                "lbg_files": [dataclasses.astuple(file) for file in files],
+                "last_accepted": sorted(state.last_accepted.items()),
+                "metrics": state.metrics,
+                "totals": state.totals,
+                "elapsed_seconds": state.elapsed_seconds,
+            }
+            save_atomic(self.manifest_path, manifest, crash_label="checkpoint.manifest")
+        except OSError:
+            self._delete_orphans()
+            raise
+        self._committed = {file.name: file.digest for file in files}
+        self._delete_orphans()
         return written
 
     def load(self, config: ExperimentConfig) -> ServerState:
-        """The last complete checkpoint, checked against the experiment about to resume."""
+        """The last committed checkpoint, checked against the experiment about to resume; every LBG
+        file is checked against the digest the manifest recorded for it."""
         if not self.exists():
             raise CheckpointError(f"no checkpoint to resume from: {self.manifest_path} does not exist")
         try:
@@ -144,14 +174,13 @@ class CheckpointStore:
         if differences:
             raise CheckpointError(f"the checkpoint in {self.directory} belongs to a different experiment: "
                                   + "; ".join(differences))
+        files = [LbgFile(*fields) for fields in manifest["lbg_files"]]
         mirrors: dict[int, dict[int, LookbackGradient]] = {}
-        for name, (worker_id, unit, version) in manifest["lbg_files"]:
-            path = self.lbg_dir / name
-            try:
-                tensors = load(path)
-            except Exception as error:  # noqa: BLE001
-                raise CheckpointError(f"checkpoint is missing or cannot read LBG file {path}: {error}") from None
-            mirrors.setdefault(worker_id, {})[unit] = LookbackGradient(tuple(tensors), version)
+        for file in files:
+            lbg = LookbackGradient(self._verified_tensors(file), file.version)
+            mirrors.setdefault(file.worker_id, {})[file.unit] = lbg
+            self._digests[file.worker_id, file.unit] = (lbg, file.digest)
+        self._committed = {file.name: file.digest for file in files}
         return ServerState(
             completed_rounds=manifest["completed_rounds"],
             params=manifest["params"],
@@ -159,10 +188,57 @@ class CheckpointStore:
             velocity=manifest["velocity"],
             workers=[tuple(worker) for worker in manifest["workers"]],
             mirrors=mirrors,
+            last_accepted=dict(manifest["last_accepted"]),
             metrics=manifest["metrics"],
             totals=manifest["totals"],
             elapsed_seconds=manifest["elapsed_seconds"],
         )
+
+    def _verified_tensors(self, file: LbgFile) -> tuple[torch.Tensor, ...]:
+        path = self.lbg_dir / file.name
+        try:
+            tensors = tuple(load(path))
+            digest = content_digest(tensors)
+        except Exception as error:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint is missing or cannot read LBG file {path}: {error}") from None
+        if digest != file.digest:
+            raise CheckpointError(f"LBG file {path} is damaged: its tensors have SHA-256 {digest}, the manifest "
+                                  f"recorded {file.digest}")
+        return tensors
+
+    def _lbg_file(self, worker_id: int, unit: int, lbg: LookbackGradient) -> LbgFile:
+        cached = self._digests.get((worker_id, unit))
+        if cached is None or cached[0] is not lbg:
+            cached = (lbg, content_digest(lbg.tensors))
+            self._digests[worker_id, unit] = cached
+        return LbgFile(worker_id, unit, lbg.version, cached[1])
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        """The manifest on disk if it is readable and of this format, else None."""
+        if not self.exists():
+            return None
+        try:
+            manifest = load(self.manifest_path)
+        except Exception:  # noqa: BLE001 - unreadable means "nothing committed we can use"
+            return None
+        return manifest if manifest.get("format") == FORMAT_VERSION else None
+
+    def _committed_files(self) -> dict[str, str]:
+        """LBG file name -> digest of what the committed manifest names (nothing else on disk is trusted)."""
+        if self._committed is None:
+            manifest = self._read_manifest()
+            files = [LbgFile(*fields) for fields in manifest["lbg_files"]] if manifest else []
+            self._committed = {file.name: file.digest for file in files}
+        return self._committed
+
+    def _delete_orphans(self) -> None:
+        """Delete every LBG file or temporary the committed manifest does not name."""
+        keep = self._committed_files()
+        self.directory.joinpath(self.manifest_path.name + ".tmp").unlink(missing_ok=True)
+        for path in sorted(self.lbg_dir.iterdir()) if self.lbg_dir.exists() else ():
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+                crash_point("checkpoint.orphan.deleted")
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -32,7 +32,7 @@ from lbgm.common.partition import format_class_summary, partition, sample_worker
 from lbgm.common.robust import GlobalModel, aggregate_round
 from lbgm.common.state_files import lbgs_to_state, save_atomic
 from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_parts, wire_size
-from lbgm.server.checkpoint import CheckpointStore, ServerState
+from lbgm.server.checkpoint import CheckpointStore, CheckpointWriteError, ServerState
 from lbgm.server.accounting import RoundLedger, RunRecorder, resident_memory_bytes
 from lbgm.server.evaluation import evaluate, load_state
 from lbgm.server.metrics import ServerMetrics
@@ -100,6 +100,9 @@ class Coordinator:
         self.recorder = RunRecorder(run_dir, restored.metrics if restored else None)
         self.metrics = ServerMetrics(self.status, self.mirrors.nbytes, config.round_timeout)
         self._present: set[int] = set()  # workers that joined this server process (sampling draws from these)
+        self._resumed = restored is not None
+        self._checkpointed = 0  # the round the last committed checkpoint holds
+        self._last_accepted: dict[int, int] = {}  # worker id -> last round whose upload was accepted
         self._cond = threading.Condition()
         self._round: OpenRound | None = None
         self._ledger = RoundLedger()
@@ -119,7 +122,8 @@ class Coordinator:
         self.registry.restore(state.workers)
         for worker_id, entries in state.mirrors.items():
             self.mirrors.replace(worker_id, entries)
-        self._completed = state.completed_rounds
+        self._completed = self._checkpointed = state.completed_rounds
+        self._last_accepted = dict(state.last_accepted)
         self._totals = dict(state.totals)
         self._started -= state.elapsed_seconds
         if state.metrics:
@@ -129,16 +133,29 @@ class Coordinator:
                  sum(len(entries) for entries in state.mirrors.values()))
 
     def _checkpoint(self) -> None:
-        """Persist the state after a completed round (the driver thread is the only writer then)."""
+        """Persist the state after a completed round (the driver thread is the only writer then).
+
+        A failed write (a full disk) stops the run: the previous checkpoint is intact and `--resume`
+        continues from it, while going on would lose more rounds at the next crash without a word.
+        """
+        with self._cond:
+            last_accepted = dict(self._last_accepted)
         state = ServerState(
             completed_rounds=self._completed, params=self.params, buffers=self.buffers, velocity=self.velocity,
             workers=self.registry.slots(),
             mirrors={w: self.mirrors.of_worker(w) for w in self.registry.ids()},
-            metrics=self.recorder.records, totals=dict(self._totals),
+            last_accepted=last_accepted, metrics=self.recorder.records, totals=dict(self._totals),
             elapsed_seconds=time.monotonic() - self._started,
         )
         started = time.monotonic()
-        written = self.checkpoints.save(state, self.config)
+        try:
+            written = self.checkpoints.save(state, self.config)
+        except OSError as error:
+            held = f"the checkpoint after round {self._checkpointed}" if self._checkpointed else "no checkpoint"
+            raise CheckpointWriteError(f"cannot write the checkpoint after round {self._completed}: {error}; "
+                                       f"{held} is intact on disk (resume with --resume once the cause is fixed)"
+                                       ) from None
+        self._checkpointed = self._completed
         log.debug("checkpoint after round %d: %d new LBG bytes in %.2fs", self._completed, written,
                   time.monotonic() - started)
 
@@ -155,7 +172,9 @@ class Coordinator:
 
     # ---------------------------------------------------------- worker side
 
-    def join(self, name: str) -> tuple[WorkerRecord, dict[int, int]]:
+    def join(self, name: str) -> tuple[WorkerRecord, dict[int, int], int]:
+        """(record, LBG versions held, last round whose upload from this worker the server's state holds):
+        a re-joining worker returns its LBGM state to what it was right after that round."""
         record, rejoined = self.registry.join(name)
         self.metrics.heard_from(record.worker_id)
         versions = self.mirrors.versions(record.worker_id)
@@ -163,7 +182,7 @@ class Coordinator:
         with self._cond:
             self._present.add(record.worker_id)
             self._cond.notify_all()
-        return record, versions
+            return record, versions, self._last_accepted.get(record.worker_id, 0)
 
     def experiment_spec(self, shard_index: int) -> pb.ExperimentSpec:
         c = self.config
@@ -220,6 +239,7 @@ class Coordinator:
             current = self._round
             self.mirrors.replace(worker_id, accepted.new_mirrors)
             current.accepted[worker_id] = accepted
+            self._last_accepted[worker_id] = current.number
             current.equivalent_bytes += (update.bytes_by_kind["header"] + update.bytes_by_kind.get("buffer", 0)
                                          + self._all_full_bytes(current.number))
             if current.sampled <= current.accepted.keys():
@@ -241,13 +261,15 @@ class Coordinator:
     def _judge(self, worker_id: int, update: ReceivedUpdate) -> AcceptedUpdate:
         current = self._round
         claimed = update.header.round
+        # Before ROUND_CLOSED: the retry of a round's last upload whose ack was lost finds the round
+        # closed, and must learn that its upload counted (the worker then commits its LBGM state).
+        if self._last_accepted.get(worker_id) == claimed:
+            raise UpdateRejected(pb.ErrorDetail.DUPLICATE, f"worker {worker_id} already submitted round {claimed}")
         if current is None or claimed != current.number:
             now = current.number if current else self._completed
             raise UpdateRejected(pb.ErrorDetail.ROUND_CLOSED, f"round {claimed} is not open (current round: {now})")
         if worker_id not in current.sampled:
             raise UpdateRejected(pb.ErrorDetail.NOT_SAMPLED, f"worker {worker_id} was not sampled in round {claimed}")
-        if worker_id in current.accepted:
-            raise UpdateRejected(pb.ErrorDetail.DUPLICATE, f"worker {worker_id} already submitted round {claimed}")
         accepted = judge_update(update, current.number, self.rules, self.mirrors.of_worker(worker_id))
         # The aggregation weight: a worker claiming more samples than its shard holds would dominate the average.
         shard_size = self._shard_sizes[self.registry.shard_of(worker_id)]
@@ -295,7 +317,12 @@ class Coordinator:
 
     def run(self) -> dict:
         """Run every round; returns the summary written to summary.json."""
-        self._wait_for_workers()
+        already_finished = self._completed >= self.config.rounds
+        if already_finished:
+            log.info("the run had already finished: %d of %d rounds completed, nothing left to train",
+                     self._completed, self.config.rounds)
+        else:
+            self._wait_for_workers()
         for number in range(self._completed + 1, self.config.rounds + 1):
             self._run_round(number)
             every = self.config.checkpoint_every
@@ -313,6 +340,8 @@ class Coordinator:
         log.info("finished %d rounds: accuracy %.4f, uplink %d bytes (%.1f%% saved vs delta=0)",
                  summary["rounds_completed"], summary["final_accuracy"], summary["uplink_bytes"],
                  100 * summary["uplink_savings"])
+        if already_finished:  # the crash may have come before the workers heard it: tell those that re-join
+            self.wait_until_workers_told(self.config.round_timeout, everyone=True)
         return summary
 
     def _save_final_state(self) -> None:
@@ -323,19 +352,30 @@ class Coordinator:
         save_atomic(run_dir / "mirrors.pt",
                     {names[w]: lbgs_to_state(self.mirrors.of_worker(w)) for w in names})
 
-    def wait_until_workers_told(self, timeout: float) -> None:
-        """After the last round, give polling workers a moment to hear that training finished."""
+    def wait_until_workers_told(self, timeout: float, everyone: bool = False) -> None:
+        """After the last round, give the workers of this process (or every registered one) at most
+        `timeout` seconds to hear that training finished."""
         end = time.monotonic() + timeout
         with self._cond:
-            while set(self.registry.ids()) - self._told_finished and time.monotonic() < end:
+            while (set(self.registry.ids()) if everyone else self._present) - self._told_finished \
+                    and time.monotonic() < end:
                 self._cond.wait(max(0.0, end - time.monotonic()))
 
     def _wait_for_workers(self) -> None:
+        """Wait until min_workers joined this process. A resumed run waits for them at most
+        round_timeout, then goes on with those present (at least one): a worker of the crashed
+        run may be gone for good, and a fresh run's rounds also go on without a missing worker."""
         needed = self.config.effective_min_workers
+        give_up = time.monotonic() + self.config.round_timeout if self._resumed else math.inf
         with self._cond:
             while len(self._present) < needed:
+                remaining = give_up - time.monotonic()
+                if remaining <= 0 and self._present:
+                    log.warning("resuming with %d of %d workers: the others did not re-join within round_timeout "
+                                "(%.0fs)", len(self._present), needed, self.config.round_timeout)
+                    return
                 log.info("waiting for workers: %d of %d joined", len(self._present), needed)
-                self._cond.wait(10.0)
+                self._cond.wait(min(10.0, remaining) if remaining > 0 else 10.0)
 
     def _evaluate(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> tuple[float, float]:
         """(test accuracy, test loss) of a model state; the driver thread alone uses self.model."""
@@ -363,7 +403,8 @@ class Coordinator:
         )
         task = pb.RoundTask(round=number, total_rounds=c.rounds, settings=settings,
                             num_tensors=len(self.params) + len(self.buffers),
-                            seconds_to_deadline=c.round_timeout)
+                            seconds_to_deadline=c.round_timeout,
+                            checkpointed_round=self._checkpointed if c.checkpoint_every else number - 1)
         snapshot = RoundTaskSnapshot(task=task, model=[EncodedTensor.of(t) for t in (*self.params, *self.buffers)])
         started = time.monotonic()
         with self._cond:

@@ -145,7 +145,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         self._check_peer(request.worker_name, context)
         try:
-            record, versions = self.coordinator.join(request.worker_name)
+            record, versions, last_accepted = self.coordinator.join(request.worker_name)
         except FederationFull as error:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         except ValueError as error:
@@ -154,6 +154,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             worker_id=record.worker_id, token=record.token, shard_index=record.shard_index,
             experiment=self.coordinator.experiment_spec(record.shard_index),
             lbg_versions=[pb.UnitVersion(unit=u, version=v) for u, v in sorted(versions.items())],
+            last_accepted_round=last_accepted,
         )
 
     def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskPart]:

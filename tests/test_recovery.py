@@ -151,3 +151,49 @@ def test_a_sweep_killed_mid_run_continues_that_run_from_its_checkpoint(tmp_path)
     records = read_records(run_dir)
     assert [r["round"] for r in records] == list(range(1, config.rounds + 1))
     assert records[:checkpointed] == kept  # the checkpointed rounds were not trained again
+
+
+GONE = ExperimentConfig(name="gone", workers=2, rounds=5, delta=0.5, **{**FAST, "round_timeout": DEADLINE})
+
+
+def test_a_resume_goes_on_without_a_worker_gone_for_good_after_round_timeout(tmp_path, processes):
+    port = free_port()
+    server = start_server(tmp_path, GONE, port=port)
+    processes.append(server.process)
+    workers = {name: start_worker(tmp_path, server.target, name, extra_args=["--give-up-after", "120"])
+               for name in ("stays", "gone")}
+    processes.extend(workers.values())
+    wait_for_rounds(server.run_dir, 2)
+    for process in (server.process, workers["gone"]):
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    resumed = start_server(tmp_path, GONE, extra_args=["--resume"], port=port, log_name="resumed.log")
+    processes.append(resumed.process)
+    assert resumed.process.wait(timeout=120) == 0, resumed.log()
+    assert workers["stays"].wait(timeout=30) == 0
+    assert f"resuming with 1 of 2 workers: the others did not re-join within round_timeout ({DEADLINE:.0f}s)" \
+           in resumed.log()
+    checkpointed = int(resumed.log().split("after round ")[1].split(":")[0])
+    records = read_records(resumed.run_dir)
+    assert [r["round"] for r in records] == list(range(1, GONE.rounds + 1))
+    assert all(len(r["participants"]) == 1 for r in records[checkpointed:])
+
+
+def test_resuming_a_finished_run_exits_within_round_timeout_with_its_summary(tmp_path, processes):
+    config = ExperimentConfig(name="done", workers=1, rounds=2, **{**FAST, "round_timeout": DEADLINE})
+    server = start_server(tmp_path, config)
+    processes.append(server.process)
+    processes.append(start_worker(tmp_path, server.target, "only"))
+    assert server.process.wait(timeout=120) == 0, server.log()
+    summary = json.loads((server.run_dir / "summary.json").read_text())
+
+    started = time.monotonic()
+    again = subprocess.run(lbgm("server", "--config", str(tmp_path / "config.toml"), "--port", "0", "--resume",
+                                "--out-dir", str(tmp_path / "runs")), capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert time.monotonic() - started < DEADLINE + 20  # the gone worker is waited for round_timeout at most
+    assert "the run had already finished: 2 of 2 rounds completed, nothing left to train" in again.stderr
+    resumed = json.loads((server.run_dir / "summary.json").read_text())
+    assert {k: resumed[k] for k in ("rounds_completed", "final_accuracy", "uplink_bytes")} == \
+           {k: summary[k] for k in ("rounds_completed", "final_accuracy", "uplink_bytes")}

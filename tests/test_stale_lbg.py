@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lbgm.common.config import ExperimentConfig
-from lbgm.common.grpc_options import CHANNEL_OPTIONS, ERROR_DETAIL_KEY, PROTOCOL
+from lbgm.common.grpc_options import CHANNEL_OPTIONS, ERROR_DETAIL_KEY, PROTOCOL, worker_metadata
 from lbgm.common.wire import ScalarEntry, read_task, submit_update_call, update_parts
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
@@ -34,7 +34,8 @@ def server(tmp_path, processes):
 
 def next_task(stub, worker):
     request = pb.TaskRequest(worker_id=worker.worker_id, token=worker.token, max_wait_seconds=10)
-    return read_task(stub.GetTask(request, timeout=30), 1 << 30)
+    return read_task(stub.GetTask(request, timeout=30, metadata=worker_metadata(worker.worker_id, worker.token)),
+                     1 << 30)
 
 
 def test_stale_scalar_is_refused_and_worker_recovers(server):
@@ -51,7 +52,8 @@ def test_stale_scalar_is_refused_and_worker_recovers(server):
         header = pb.UpdateHeader(worker_id=worker.worker_id, token=worker.token, round=2, num_samples=10)
         stale = [ScalarEntry(unit, 1.0, 7) for unit in range(4)]
         with pytest.raises(grpc.RpcError) as refused:
-            stub.SubmitUpdate(update_parts(header, [], stale), timeout=10)
+            stub.SubmitUpdate(update_parts(header, [], stale), timeout=10,
+                              metadata=worker_metadata(worker.worker_id, worker.token))
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         detail = error_detail(refused.value)
         assert detail.reason == pb.ErrorDetail.STALE_LBG and list(detail.stale_units) == [0, 1, 2, 3]
@@ -94,7 +96,8 @@ def test_wrong_token_and_unknown_worker_are_unauthenticated(server):
         reply = stub.Join(pb.JoinRequest(worker_name="w", protocol=PROTOCOL), timeout=10)
         for worker_id, token in ((reply.worker_id, b"not-the-token"), (99, reply.token)):
             with pytest.raises(grpc.RpcError) as refused:
-                list(stub.GetTask(pb.TaskRequest(worker_id=worker_id, token=token), timeout=10))
+                list(stub.GetTask(pb.TaskRequest(worker_id=worker_id, token=token), timeout=10,
+                                  metadata=worker_metadata(worker_id, token)))
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             keys = [key for key, _ in refused.value.trailing_metadata()]
             assert ERROR_DETAIL_KEY in keys

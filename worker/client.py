@@ -4,11 +4,15 @@ It dials out to the aggregator, joins, then loops: long-poll for a task,
 train locally, encode with LBGM, upload. Transport failures are retried with
 exponential backoff and full jitter; a refused upload leaves the local LBGs
 untouched (they are committed only once the server accepted the upload), and
-a STALE_LBG refusal is answered by resending the named units in full.
+a STALE_LBG refusal is answered by resending the named units in full. On
+(re)join the worker returns its LBGM state to the last round the server holds
+from it (see rollback.py), so a server that resumed from a checkpoint and a
+worker never disagree about what was sent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -31,6 +35,7 @@ from lbgm.common.wire import ReceivedTask, read_task, serialized_update_parts, s
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 from lbgm.worker.encoder import EncodedRound, LbgmEncoder, compressor_settings
+from lbgm.worker.rollback import StateHistory, WorkerSnapshot
 from lbgm.worker.shards import local_shard
 from lbgm.worker.trainer import LocalTrainer, local_seed
 
@@ -94,6 +99,8 @@ class VirtualWorker:
         self.token = b""
         self.encoder: LbgmEncoder | None = None
         self.trainer: LocalTrainer | None = None
+        self.history = StateHistory()
+        self._in_doubt: tuple[int, EncodedRound] | None = None  # the last upload not known to be accepted
         self._random = random.Random(name)
 
     # ------------------------------------------------------------ plumbing
@@ -138,11 +145,45 @@ class VirtualWorker:
             self.encoder = LbgmEncoder(decision_units(len(list(model.parameters())), spec.granularity), seed=seed)
             if self.state_path is not None and self.state_path.exists():
                 self.encoder.lbgs = lbgs_from_state(load_state(self.state_path))
+        returned = self._return_to(reply.last_accepted_round)
         dropped = self.encoder.keep_matching({v.unit: v.version for v in reply.lbg_versions})
         if dropped:
             log.warning("%s: server does not hold my LBGs for units %s; they will go in full", self.name, dropped)
+        if not returned:  # no record of that round: what is left now is the best state as of it
+            self.history.restart_at(reply.last_accepted_round, self._snapshot())
+        if self.state_path is not None:
+            save_atomic(self.state_path, lbgs_to_state(self.encoder.lbgs))
         log.info("%s: joined as worker %d with shard %d (%d samples)", self.name, self.worker_id,
                  reply.shard_index, self.trainer.num_samples)
+
+    def _snapshot(self) -> WorkerSnapshot:
+        return WorkerSnapshot(self.encoder.state(), self.trainer.position())
+
+    def _return_to(self, last_accepted: int) -> bool:
+        """Take the LBGM state to right after round `last_accepted`, the last the server holds from
+        this worker; False if there is no record of that round (then memory and warm starts, which
+        only make sense against what the server saw, are dropped)."""
+        in_doubt, self._in_doubt = self._in_doubt, None
+        if in_doubt is not None and in_doubt[0] == last_accepted:
+            log.info("%s: my round %d upload counted although its acknowledgement was lost", self.name, last_accepted)
+            self._accepted(in_doubt[1], last_accepted)
+            return True
+        recorded = self.history.rounds()
+        snapshot = self.history.rewind(last_accepted)
+        if snapshot is not None:
+            if recorded[-1] != last_accepted:
+                log.warning("%s: the server holds my uploads up to round %d only; returning my state to that round "
+                            "(rounds %s are redone)", self.name, last_accepted,
+                            [r for r in recorded if r > last_accepted])
+            self.encoder.restore(snapshot.encoder)
+            self.trainer.restore(snapshot.batches)
+            return True
+        state = self.encoder.state()
+        if state.memory or state.warm_q:
+            log.warning("%s: no record of my state after round %d, the last the server holds from me; dropping "
+                        "my error-feedback memory and warm starts", self.name, last_accepted)
+            self.encoder.restore(dataclasses.replace(state, memory={}, warm_q={}))
+        return False
 
     def run(self) -> WorkerStats:
         with open_channel(self.target, self.tls) as channel:
@@ -173,6 +214,7 @@ class VirtualWorker:
     def run_round(self, submit: grpc.StreamUnaryMultiCallable, received: ReceivedTask) -> None:
         task = received.task
         settings = task.settings
+        self.history.forget_before(task.checkpointed_round)
         with self.training_slots:
             gradient, loss = self.trainer.train(received.tensors, settings.local_steps, settings.batch_size,
                                                 settings.local_lr)
@@ -185,6 +227,7 @@ class VirtualWorker:
         while True:
             encoded = self.encoder.encode(gradient, task.round, settings.delta, wire_dtype, force_full,
                                           settings.error_feedback)
+            self._in_doubt = (task.round, encoded)
             try:
                 self._call(lambda: submit(serialized_update_parts(header, encoded.full, encoded.scalars, buffers),
                                           timeout=task.seconds_to_deadline + 30,
@@ -199,18 +242,20 @@ class VirtualWorker:
                     force_full = set(detail.stale_units)
                     continue
                 if reason == pb.ErrorDetail.DUPLICATE:
-                    # An earlier attempt of this very upload got through before the connection failed.
-                    self._accepted(encoded)
+                    # An earlier attempt of this very upload got through (its acknowledgement was lost).
+                    self._accepted(encoded, task.round)
                     return
                 self.stats.refused_rounds += 1
                 log.warning("%s: round %d upload refused (%s): %s", self.name, task.round, error.code().name,
                             error.details())
                 return
-            self._accepted(encoded)
+            self._accepted(encoded, task.round)
             return
 
-    def _accepted(self, encoded: EncodedRound) -> None:
+    def _accepted(self, encoded: EncodedRound, round_number: int) -> None:
+        self._in_doubt = None
         self.encoder.commit(encoded)
+        self.history.record(round_number, self._snapshot())
         if self.state_path is not None and encoded.new_lbgs:
             save_atomic(self.state_path, lbgs_to_state(self.encoder.lbgs))
         self.stats.rounds += 1

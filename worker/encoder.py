@@ -11,7 +11,8 @@ Error feedback keeps one memory per layer holding what the server has not
 seen: the compressor's loss x - g~ (if `compressor_memory`) plus LBGM's loss
 g~ - rho * LBG (if `error_feedback`), so each lost piece is carried once.
 Nothing changes until commit(), which the worker calls only once the server
-accepted the upload.
+accepted the upload. state() and restore() take the encoder back to an earlier
+round, as a server that resumed from a checkpoint holds it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ class CompressedLayer:
     full: FullLayer  # what would travel if the layer's unit goes in full
     decoded: torch.Tensor  # g~: the server's reconstruction of that payload
     warm_q: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class EncoderState:
+    """Everything the encoder carries from one round to the next. Shallow: the encoder replaces
+    tensors and never edits one in place, so a state shares every tensor that did not change."""
+
+    lbgs: dict[int, LookbackGradient]
+    memory: dict[int, torch.Tensor]
+    warm_q: dict[int, torch.Tensor]
+    random_state: torch.Tensor  # the compressors' generator (QSGD's stochastic rounding, PowerSGD's start)
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,13 @@ class LbgmEncoder:
         self.lbgs.update(encoded.new_lbgs)
         self.memory.update(encoded.memory)
         self.warm_q.update(encoded.warm_q)
+
+    def state(self) -> EncoderState:
+        return EncoderState(dict(self.lbgs), dict(self.memory), dict(self.warm_q), self._generator.get_state())
+
+    def restore(self, state: EncoderState) -> None:
+        self.lbgs, self.memory, self.warm_q = dict(state.lbgs), dict(state.memory), dict(state.warm_q)
+        self._generator.set_state(state.random_state)
 
     def keep_matching(self, server_versions: dict[int, int]) -> list[int]:
         """Drop every LBG the server does not hold at the same version; returns the dropped units."""

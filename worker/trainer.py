@@ -7,6 +7,7 @@ gradients, i.e. (theta_t - theta_local) / lr for plain SGD.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,6 +17,16 @@ from torch.nn import functional as F
 def local_seed(experiment_seed: int, shard_index: int) -> int:
     """Seed of a worker's minibatch order: distinct per shard, fixed per experiment."""
     return experiment_seed * 100_003 + shard_index
+
+
+@dataclass(frozen=True)
+class BatchPosition:
+    """Where the minibatch order stands: a worker returning to an earlier round restores it, so a
+    redone round trains on the same minibatches as the first attempt."""
+
+    random_state: torch.Tensor
+    order: torch.Tensor  # never edited in place: a new epoch makes a new permutation
+    cursor: int
 
 
 class LocalTrainer:
@@ -32,6 +43,13 @@ class LocalTrainer:
     @property
     def num_samples(self) -> int:
         return len(self.labels)
+
+    def position(self) -> BatchPosition:
+        return BatchPosition(self._generator.get_state(), self._order, self._cursor)
+
+    def restore(self, position: BatchPosition) -> None:
+        self._generator.set_state(position.random_state)
+        self._order, self._cursor = position.order, position.cursor
 
     def _next_batch(self, batch_size: int) -> torch.Tensor:
         """Indices of the next minibatch; epochs are fresh random permutations."""

@@ -100,18 +100,20 @@ class UnitVersion(_message.Message):
     def __init__(self, unit: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "token", "shard_index", "experiment", "lbg_versions")
+    __slots__ = ("worker_id", "token", "shard_index", "experiment", "lbg_versions", "last_accepted_round")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     LBG_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACCEPTED_ROUND_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     token: bytes
     shard_index: int
     experiment: ExperimentSpec
     lbg_versions: _containers.RepeatedCompositeFieldContainer[UnitVersion]
-    def __init__(self, worker_id: _Optional[int] = ..., token: _Optional[bytes] = ..., shard_index: _Optional[int] = ..., experiment: _Optional[_Union[ExperimentSpec, _Mapping]] = ..., lbg_versions: _Optional[_Iterable[_Union[UnitVersion, _Mapping]]] = ...) -> None: ...
+    last_accepted_round: int
+    def __init__(self, worker_id: _Optional[int] = ..., token: _Optional[bytes] = ..., shard_index: _Optional[int] = ..., experiment: _Optional[_Union[ExperimentSpec, _Mapping]] = ..., lbg_versions: _Optional[_Iterable[_Union[UnitVersion, _Mapping]]] = ..., last_accepted_round: _Optional[int] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
     __slots__ = ("worker_id", "token", "max_wait_seconds")
@@ -150,18 +152,20 @@ class TrainSettings(_message.Message):
     def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_lr: _Optional[float] = ..., delta: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., error_feedback: _Optional[bool] = ..., codec: _Optional[_Union[Codec, str]] = ..., topk_fraction: _Optional[float] = ..., quantization_levels: _Optional[int] = ..., lowrank_rank: _Optional[int] = ..., compressor_memory: _Optional[bool] = ...) -> None: ...
 
 class RoundTask(_message.Message):
-    __slots__ = ("round", "total_rounds", "settings", "num_tensors", "seconds_to_deadline")
+    __slots__ = ("round", "total_rounds", "settings", "num_tensors", "seconds_to_deadline", "checkpointed_round")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_TO_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTED_ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
     total_rounds: int
     settings: TrainSettings
     num_tensors: int
     seconds_to_deadline: float
-    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., num_tensors: _Optional[int] = ..., seconds_to_deadline: _Optional[float] = ...) -> None: ...
+    checkpointed_round: int
+    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., num_tensors: _Optional[int] = ..., seconds_to_deadline: _Optional[float] = ..., checkpointed_round: _Optional[int] = ...) -> None: ...
 
 class ModelTensor(_message.Message):
     __slots__ = ("index", "meta", "data")
