@@ -16,8 +16,9 @@ file with the same digest (a mirror entry is immutable once written, so
 scalar-only rounds cost no LBG I/O). Files go first (temporary name, fsync,
 rename), then the manifest is replaced the same way, then every file the new
 manifest does not name is deleted: those of earlier rounds and any left by a
-checkpoint that crashed or failed before its manifest. A crash at any moment
-therefore leaves either the previous complete checkpoint or the new one.
+checkpoint that crashed or failed before its manifest (loading deletes them
+too). A crash at any moment therefore leaves either the previous complete
+checkpoint or the new one.
 
 On disk a checkpoint is about (K x LBG units + 2) model copies: every
 worker's mirrors, the global model and the server momentum.
@@ -160,7 +161,8 @@ class CheckpointStore:
 
     def load(self, config: ExperimentConfig) -> ServerState:
         """The last committed checkpoint, checked against the experiment about to resume; every LBG
-        file is checked against the digest the manifest recorded for it."""
+        file is checked against the digest the manifest recorded for it. Files the manifest does not
+        name (left by a save that crashed after its commit or before it) are deleted."""
         if not self.exists():
             raise CheckpointError(f"no checkpoint to resume from: {self.manifest_path} does not exist")
         try:
@@ -181,6 +183,7 @@ class CheckpointStore:
             mirrors.setdefault(file.worker_id, {})[file.unit] = lbg
             self._digests[file.worker_id, file.unit] = (lbg, file.digest)
         self._committed = {file.name: file.digest for file in files}
+        self._delete_orphans()
         return ServerState(
             completed_rounds=manifest["completed_rounds"],
             params=manifest["params"],
