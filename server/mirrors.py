@@ -10,30 +10,15 @@ from __future__ import annotations
 import hashlib
 import threading
 
-import torch
-
 from lbgm.common.lookback import LookbackGradient
-
-
-def raw_bytes(tensor: torch.Tensor) -> bytes:
-    """The tensor's memory as bytes, for any dtype (numpy has no bfloat16)."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def tensors_digest(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> bytes:
-    """SHA-256 over the tensors' dtypes, shapes and bytes, in order."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(repr((str(tensor.dtype), tuple(tensor.shape))).encode())
-        digest.update(raw_bytes(tensor))
-    return digest.digest()
+from lbgm.common.state_files import content_digest
 
 
 class MirrorStore:
     def __init__(self) -> None:
         self._entries: dict[int, dict[int, LookbackGradient]] = {}
         # (worker, unit) -> (entry, digest of its tensors): each entry is hashed at most once while installed.
-        self._digests: dict[tuple[int, int], tuple[LookbackGradient, bytes]] = {}
+        self._digests: dict[tuple[int, int], tuple[LookbackGradient, str]] = {}
         self._lock = threading.Lock()
 
     def get(self, worker_id: int, unit: int) -> LookbackGradient | None:
@@ -63,12 +48,12 @@ class MirrorStore:
         for key, entry in entries:
             cached = known.get(key)
             if cached is None or cached[0] is not entry:
-                cached = (entry, tensors_digest(entry.tensors))
+                cached = (entry, content_digest(entry.tensors))
                 with self._lock:
                     if self._entries.get(key[0], {}).get(key[1]) is entry:
                         self._digests[key] = cached
             combined.update(repr((*key, entry.version)).encode())
-            combined.update(cached[1])
+            combined.update(cached[1].encode())
         return combined.digest()
 
     def versions(self, worker_id: int) -> dict[int, int]:

@@ -30,13 +30,13 @@ from lbgm.common.lookback import aggregation_weights, decision_units
 from lbgm.common.models import build_model, model_fingerprint
 from lbgm.common.partition import format_class_summary, partition, sample_workers
 from lbgm.common.robust import GlobalModel, aggregate_round
-from lbgm.common.state_files import lbgs_to_state, save_atomic
+from lbgm.common.state_files import content_digest, lbgs_to_state, save_atomic
 from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_parts, wire_size
 from lbgm.server.checkpoint import CheckpointStore, CheckpointWriteError, ServerState
 from lbgm.server.accounting import RoundLedger, RunRecorder, resident_memory_bytes
 from lbgm.server.evaluation import evaluate, load_state
 from lbgm.server.metrics import ServerMetrics
-from lbgm.server.mirrors import MirrorStore, tensors_digest
+from lbgm.server.mirrors import MirrorStore
 from lbgm.server.registry import Registry, WorkerRecord
 from lbgm.server.updates import AcceptedUpdate, UpdateRejected, UploadRules, judge_update
 from lbgm.v1 import lbgm_pb2 as pb
@@ -309,7 +309,7 @@ class Coordinator:
         open_round = self._round
         digest.update(repr((self._completed, open_round.number if open_round else 0,
                             sorted(open_round.accepted) if open_round else [])).encode())
-        digest.update(tensors_digest([*self.params, *self.buffers, *(self.velocity or ())]))
+        digest.update(content_digest([*self.params, *self.buffers, *(self.velocity or ())]).encode())
         digest.update(self.mirrors.digest())
         return digest.hexdigest()
 

@@ -67,9 +67,6 @@ class LbgmEncoder:
         self._generator = torch.Generator().manual_seed(seed)
 
     def _compress(self, layer: int, x: torch.Tensor, round_number: int, wire_dtype: torch.dtype) -> CompressedLayer:
-        if self.compressor.name == "none":
-            sent = x.detach().to(wire_dtype, copy=True)
-            return CompressedLayer(FullLayer.dense(layer, round_number, sent), sent, None)
         result = compress(self.compressor, x, self.warm_q.get(layer), self._generator, wire_dtype)
         return CompressedLayer(FullLayer(layer, round_number, result.codec, result.parts), result.decoded,
                                result.lowrank_q)
