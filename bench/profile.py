@@ -38,9 +38,9 @@ from typing import Any
 import torch
 
 from lbgm.common.config import ExperimentConfig
-from lbgm.common.datasets import DATASET_SHAPES
+from lbgm.tasks.datasets import DATASET_SHAPES
 from lbgm.common.lookback import aggregation_weights, all_finite, server_sgd_step, weighted_sum
-from lbgm.common.models import build_model
+from lbgm.tasks.models import build_model
 from lbgm.common.wire import (
     EncodedTensor, FullLayer, read_update_body, read_update_header, serialized_update_parts, task_parts, update_parts,
 )

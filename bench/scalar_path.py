@@ -21,9 +21,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from lbgm.common.datasets import DATASET_SHAPES
+from lbgm.tasks.datasets import DATASET_SHAPES
 from lbgm.common.lookback import to_float32
-from lbgm.common.models import build_model
+from lbgm.tasks.models import build_model
 from lbgm.common.tls import open_channel
 from lbgm.common.wire import ScalarEntry, read_update_body, read_update_header, update_parts, wire_size
 from lbgm.v1 import lbgm_pb2 as pb

@@ -46,8 +46,8 @@ from typing import Any
 
 from lbgm.cli.launcher import run_federation
 from lbgm.common.config import WIRE_DTYPES, ExperimentConfig
-from lbgm.common.datasets import DATASET_SHAPES, NUM_CLASSES
-from lbgm.common.models import build_model
+from lbgm.tasks.datasets import DATASET_SHAPES, NUM_CLASSES
+from lbgm.tasks.models import build_model
 from lbgm.server.allocator import GLIBC_START_MMAP_THRESHOLD
 from lbgm.server.rounds import WIRE_DTYPES as TORCH_DTYPES
 

@@ -19,8 +19,8 @@ import matplotlib
 from matplotlib.ticker import MaxNLocator
 
 from lbgm.cli.options import UsageError, add_log_level
-from lbgm.common.datasets import DATASETS, EMBEDDED, INFO
-from lbgm.common.models import MODELS
+from lbgm.tasks.datasets import DATASETS, EMBEDDED, INFO
+from lbgm.tasks.models import MODELS
 from lbgm.sim.gradient_space import FRACTIONS, AnalysisSettings, GradientSpaceReport, run_analysis
 
 COMMAND = "analyze-gradients"

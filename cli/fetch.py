@@ -11,7 +11,7 @@ from lbgm.cli.options import add_log_level
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    from lbgm.common.datasets import DATASETS, EMBEDDED
+    from lbgm.tasks.datasets import DATASETS, EMBEDDED
 
     fetch = commands.add_parser("fetch-data", help="download a data set's official files into --data-dir",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,7 +24,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from lbgm.common.datasets import load_dataset
+    from lbgm.tasks.datasets import load_dataset
 
     for split in ("train", "test"):
         data = load_dataset(args.dataset, split, args.data_dir, download=True)

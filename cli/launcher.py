@@ -27,6 +27,7 @@ from lbgm.cli.credentials import new_secret, secret_variable
 from lbgm.cli.options import UsageError, environ_without_options
 from lbgm.common.config import ExperimentConfig, config_to_toml
 from lbgm.common.grpc_options import CHANNEL_OPTIONS
+from lbgm.task.loader import check_task
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
@@ -112,7 +113,9 @@ def run_federation(config: ExperimentConfig, out_dir: Path, processes: int, log_
 
 def launch(config: ExperimentConfig, out_dir: Path, placement: Placement, log_level: str, label: str,
            log_format: str = "text") -> int:
-    """Runs the federation to its end and prints its summary: 0, 1 (a process failed) or 130 (interrupted)."""
+    """Runs the federation to its end and prints its summary: 0, 1 (a process failed) or 130 (interrupted).
+    A task that does not load or build its model stops it with a TaskError before anything is written."""
+    check_task(config.task, config.task_options, config.seed)
     run_dir = out_dir / config.name
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -145,7 +148,7 @@ def launch(config: ExperimentConfig, out_dir: Path, placement: Placement, log_le
                  *_lbgm_command("worker", "--server", target, "--name", process.name,
                                 "--virtual-workers", str(process.virtual_workers),
                                 "--log-level", log_level, "--log-format", log_format,
-                                "--data-dir", config.data_dir)],
+                                "--data-dir", config.data_dir, "--task", config.task)],
                 stdout=open(logs / f"worker-{index}.log", "w"), stderr=subprocess.STDOUT, env=child_env))
         print(f"{label}: server on {target}, {config.workers} workers in {len(placement.workers)} processes; "
               f"logs in {logs}", file=sys.stderr)

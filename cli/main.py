@@ -30,7 +30,8 @@ from lbgm.cli.options import EnvParser, UsageError, add_log_level, configure_log
 from lbgm.cli.transport import (add_client_tls_arguments, add_server_tls_arguments, client_tls, server_tls,
                                 worker_tls)
 from lbgm.common.config import ConfigError, add_config_arguments, config_from_args
-from lbgm.common.datasets import DatasetError
+from lbgm.tasks.datasets import DatasetError
+from lbgm.task.loader import BUILTIN_TASK, TaskError, check_reference
 from lbgm.common.grpc_options import OPERATOR_TOKEN_KEY
 from lbgm.common.tls import ChannelTls, open_channel
 from lbgm.server.registry import check_worker_name
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="virtual workers in this process, each with its own channel, identity and LBG state "
                              "(default: 1)")
     worker.add_argument("--data-dir", default="", help="folder holding the data set named by the server, if not embedded")
+    worker.add_argument("--task", default=BUILTIN_TASK,
+                        help="the task this worker runs, package.module:name or path/to/file.py:name "
+                             "(docs/TASKS.md); its model must match the server's (default: %(default)s)")
     worker.add_argument("--poll-seconds", type=float, default=20.0, help="long-poll window for tasks (default: 20)")
     worker.add_argument("--give-up-after", type=float, default=300.0,
                         help="seconds of an unreachable server before the worker exits (default: 300)")
@@ -185,6 +189,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise UsageError(f"--server must look like HOST:PORT, got {args.server!r}")
     if not (math.isfinite(args.poll_seconds) and args.poll_seconds >= 0):
         raise UsageError(f"--poll-seconds must be a finite number >= 0, got {args.poll_seconds}")
+    check_reference(args.task)
     names = worker_names(args.name, args.virtual_workers)
     try:
         check_worker_name(names[-1])  # the longest name
@@ -195,7 +200,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.torch_threads))
     return run_virtual_workers(args.server, names, args.data_dir, args.poll_seconds,
                                RetryPolicy(give_up_seconds=args.give_up_after), args.state_dir, tls,
-                               args.parallel_training, join_token)
+                               args.parallel_training, join_token, args.task)
 
 
 def fetch_status(target: str, timeout: float = 5.0, tls: ChannelTls | None = None,
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(args.log_level, args.log_format)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, DatasetError, OSError) as error:
+    except (UsageError, ConfigError, TaskError, DatasetError, OSError) as error:
         print(f"lbgm {args.command}: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # a failed child process or server: no traceback, its log says more

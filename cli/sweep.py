@@ -26,6 +26,7 @@ from typing import Any
 from lbgm.cli.options import FALSE_WORDS, TRUE_WORDS, UsageError, add_log_level
 from lbgm.cli.report import add_target_argument, build_rows, format_table, load_run, read_summary
 from lbgm.common.config import FIELDS, ConfigError, ExperimentConfig, add_config_arguments, config_from_args
+from lbgm.task.loader import check_task
 
 FINISHED = ("done", "skipped")  # outcomes whose run folder holds a complete run
 
@@ -233,6 +234,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     configs = grid_configs(base, axes)
     check_processes(args.processes, configs)
+    for task, options, seed in dict.fromkeys((c.task, c.task_options, c.seed) for c in configs):
+        check_task(task, options, seed)  # every task of the grid loads, before any run starts
     out_dir = args.out_dir or Path("runs") / "sweeps" / base.name
     print(f"lbgm sweep: {len(configs)} runs in {out_dir}", flush=True)
     outcomes = run_sweep(configs, out_dir, args.processes, args.log_level, args.log_format)

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from lbgm.common.compressors import COMPRESSORS, CompressorSettings
-from lbgm.common.datasets import DATASETS
-from lbgm.common.models import MODELS
-from lbgm.common.partition import PARTITIONS
 from lbgm.common.robust import RobustRule
+from lbgm.task import TaskOptions
+from lbgm.task.loader import BUILTIN_TASK
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 GRANULARITIES = ("layer", "model")
@@ -43,10 +42,14 @@ class ExperimentConfig:
     then sends almost everything in full."""
 
     name: str = _doc("run name; results go to <out_dir>/<name>", "lbgm")
-    dataset: str = _doc(f"data set: {', '.join(DATASETS)}", "mnist-embedded")
-    data_dir: str = _doc("folder holding MNIST/raw or FashionMNIST/raw (may be read-only)", "")
-    model: str = _doc(f"model: {', '.join(MODELS)}", "mlp")
-    partition: str = _doc(f"how the training set is split: {', '.join(PARTITIONS)}", "iid")
+    task: str = _doc("the federated job: package.module:name or path/to/file.py:name naming a lbgm.task.Task or a "
+                     "factory of one (docs/TASKS.md); the built-in image-classification task reads dataset, model, "
+                     "partition, classes_per_worker, dirichlet_alpha and eval_batch_size", BUILTIN_TASK)
+    dataset: str = _doc("data set of the built-in task: mnist-embedded, mnist, fashion-mnist, cifar10, cifar100",
+                        "mnist-embedded")
+    data_dir: str = _doc("folder holding the task's data, e.g. MNIST/raw or FashionMNIST/raw (may be read-only)", "")
+    model: str = _doc("model of the built-in task: cnn, fcn, mlp, resnet18, vgg19_bn", "mlp")
+    partition: str = _doc("how the built-in task splits the training set: iid, shards, dirichlet", "iid")
     classes_per_worker: int = _doc("classes per worker for partition=shards", 3)
     dirichlet_alpha: float = _doc("concentration for partition=dirichlet (smaller = more skewed)", 0.5)
     seed: int = _doc("seed for model init, partition, client sampling and local batches", 0)
@@ -83,9 +86,6 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.dataset in DATASETS, f"dataset must be one of {list(DATASETS)}, got {self.dataset!r}"),
-            (self.model in MODELS, f"model must be one of {sorted(MODELS)}, got {self.model!r}"),
-            (self.partition in PARTITIONS, f"partition must be one of {list(PARTITIONS)}, got {self.partition!r}"),
             (self.granularity in GRANULARITIES, f"granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}"),
             (self.wire_dtype in WIRE_DTYPES, f"wire_dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}"),
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
@@ -120,6 +120,16 @@ class ExperimentConfig:
         return CompressorSettings(name=self.compressor, topk_fraction=self.topk_fraction,
                                   quantization_levels=self.quantization_levels, lowrank_rank=self.lowrank_rank,
                                   memory=self.compressor_memory)
+
+    @property
+    def task_options(self) -> TaskOptions:
+        return TaskOptions(dataset=self.dataset, model=self.model, partition=self.partition,
+                           classes_per_worker=self.classes_per_worker, dirichlet_alpha=self.dirichlet_alpha,
+                           eval_batch_size=self.eval_batch_size)
+
+    @property
+    def data_path(self) -> Path | None:
+        return Path(self.data_dir) if self.data_dir else None
 
     @property
     def robust_rule(self) -> RobustRule:

@@ -119,15 +119,19 @@ def bound_updates(updates: Sequence[Sequence[torch.Tensor]], factor: float) -> B
     return BoundedUpdates(bounded, clipped_updates, clipped_layers)
 
 
-def refusal_reason(candidate: Sequence[torch.Tensor], loss: float, previous_loss: float, ratio: float) -> str | None:
+def refusal_reason(candidate: Sequence[torch.Tensor], loss: float | None, previous_loss: float,
+                   ratio: float) -> str | None:
     """Why a round's candidate model must not replace the previous one, or None if it may.
 
     `candidate` is every tensor of the new state (parameters, velocity, buffers);
-    `previous_loss` is the test loss of the model kept so far (NaN if unknown:
-    then only finiteness is checked); ratio 0 turns the loss-jump test off."""
+    `loss` is its test loss (None: the task has no central evaluation, only finiteness
+    is checked); `previous_loss` is the test loss of the model kept so far (NaN if
+    unknown: then the jump is not checked); ratio 0 turns the loss-jump test off."""
     for index, tensor in enumerate(candidate):
         if tensor.is_floating_point() and not all_finite(tensor):
             return f"the new model's tensor {index} holds NaN or Inf"
+    if loss is None:
+        return None
     if not math.isfinite(loss):
         return f"the new model's test loss is {loss}"
     if ratio > 0 and math.isfinite(previous_loss) and loss > ratio * previous_loss and loss > previous_loss + LOSS_JUMP_FLOOR:
@@ -170,17 +174,19 @@ def aggregate_round(
     rule: RobustRule,
     lr: float,
     momentum: float,
-    evaluate: Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[float, float]],
+    evaluate: Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[float, float]] | None,
 ) -> RoundOutcome:
     """One round on the server: bound, average, step, evaluate, then keep the result or the previous model.
 
-    `evaluate(params, buffers)` returns (test accuracy, test loss)."""
+    `evaluate(params, buffers)` returns (test accuracy, test loss); None: the task has no central
+    evaluation (the figures are NaN and only the model's finiteness is checked)."""
     weights = aggregation_weights(num_samples)
     bounded = bound_updates(gradients, rule.norm_bound)
     params, velocity = server_sgd_step(previous.params, weighted_sum(bounded.updates, weights), previous.velocity,
                                        lr, momentum)
     new_buffers = average_buffers(buffers, weights) if previous.buffers else previous.buffers
-    accuracy, loss = evaluate(params, new_buffers)
-    refusal = refusal_reason([*params, *(velocity or ()), *new_buffers], loss, previous.loss, rule.loss_ratio)
+    accuracy, loss = evaluate(params, new_buffers) if evaluate is not None else (math.nan, math.nan)
+    refusal = refusal_reason([*params, *(velocity or ()), *new_buffers], loss if evaluate is not None else None,
+                             previous.loss, rule.loss_ratio)
     model = previous if refusal else GlobalModel(params, velocity, new_buffers, accuracy, loss)
     return RoundOutcome(model, bounded.clipped_updates, bounded.clipped_layers, refusal, loss)

@@ -1,4 +1,4 @@
-"""Rebuild common/embedded/ from the official MNIST files.
+"""Rebuild tasks/embedded/ from the official MNIST files.
 
 Usage: python scripts/make_embedded_mnist.py ../shared/data/MNIST/raw
 

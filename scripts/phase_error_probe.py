@@ -14,9 +14,10 @@ import statistics
 
 import torch
 
-from lbgm.common.datasets import load_dataset
+from lbgm.task import Examples
+from lbgm.tasks.datasets import load_dataset
 from lbgm.common.lookback import lookback_coefficient
-from lbgm.common.models import MODELS, build_model
+from lbgm.tasks.models import MODELS, build_model
 from lbgm.worker.trainer import LocalTrainer
 
 
@@ -35,7 +36,7 @@ def main() -> None:
     model = build_model(args.model, seed=0)
     params = [p.detach().clone() for p in model.parameters()]
     largest = max(range(len(params)), key=lambda i: params[i].numel())
-    trainer = LocalTrainer(model, data.images[:args.samples], data.labels[:args.samples], seed=0)
+    trainer = LocalTrainer.default(model, Examples(data.images[:args.samples], data.labels[:args.samples]), seed=0)
     lbg, errors = None, []
     for number in range(args.rounds):
         gradient, _ = trainer.train(params, args.local_steps, args.batch_size, args.lr)

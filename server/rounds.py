@@ -24,21 +24,22 @@ from pathlib import Path
 import torch
 
 from lbgm.common.config import ExperimentConfig
-from lbgm.common.datasets import load_dataset
 from lbgm.common.compressors import CODEC_OF, zero_payload
 from lbgm.common.lookback import aggregation_weights, decision_units
-from lbgm.common.models import build_model, model_fingerprint
-from lbgm.common.partition import format_class_summary, partition, sample_workers
+from lbgm.common.model_spec import describe_model, fingerprint
 from lbgm.common.robust import GlobalModel, aggregate_round
 from lbgm.common.state_files import content_digest, lbgs_to_state, save_atomic
 from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_parts, wire_size
 from lbgm.server.checkpoint import CheckpointStore, CheckpointWriteError, ServerState
 from lbgm.server.accounting import RoundLedger, RunRecorder, resident_memory_bytes
-from lbgm.server.evaluation import evaluate, load_state
+from lbgm.server.evaluation import load_state
+from lbgm.server.sampling import sample_workers
 from lbgm.server.metrics import ServerMetrics
 from lbgm.server.mirrors import MirrorStore
 from lbgm.server.registry import Registry, WorkerRecord
 from lbgm.server.updates import AcceptedUpdate, UpdateRejected, UploadRules, judge_update
+from lbgm.task import Shard, Task
+from lbgm.task.loader import build_model, call_task, load_task
 from lbgm.v1 import lbgm_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -76,22 +77,34 @@ def upload_rules(config: ExperimentConfig, model: torch.nn.Module) -> UploadRule
     )
 
 
+def shard_data(task: Task, config: ExperimentConfig) -> list:
+    """Every worker's training data, as the workers load it (the server needs the sample counts)."""
+    return [call_task(config.task, f"train_data of shard {index}", task.train_data,
+                      Shard(index, config.workers, config.seed, config.data_path))
+            for index in range(config.workers)]
+
+
 class Coordinator:
     def __init__(self, config: ExperimentConfig, run_dir: Path, resume: bool = False) -> None:
-        """A fresh run in `run_dir`, or (resume) the run continued from its last checkpoint there."""
+        """A fresh run in `run_dir`, or (resume) the run continued from its last checkpoint there.
+        The task is loaded, and its model and data built, before anything in run_dir changes."""
         self.config = config
+        self.task = load_task(config.task, config.task_options)
+        self.model = build_model(self.task, config.seed, config.task)
+        shards = shard_data(self.task, config)
+        self._shard_sizes = [len(shard) for shard in shards]
+        central = self.task.test_data is not None and self.task.evaluate is not None
+        self.test_data = call_task(config.task, "test_data", self.task.test_data, config.data_path) if central else None
         self.checkpoints = CheckpointStore.of_run(run_dir)
         if not resume:
             self.checkpoints.clear()
         restored = self.checkpoints.load(config) if resume else None
-        self.test_set = load_dataset(config.dataset, "test", Path(config.data_dir) if config.data_dir else None)
-        self.model = build_model(config.model, config.seed, tuple(self.test_set.images.shape[1:]),
-                                 self.test_set.num_classes)
         self.params = [p.detach().clone() for p in self.model.parameters()]
         self.buffers = [b.detach().clone() for b in self.model.buffers()]
         self.layer_shapes = [tuple(p.shape) for p in self.params]
         self.units = decision_units(len(self.params), config.granularity)
-        self.fingerprint = model_fingerprint(self.model)
+        self.model_tensors = describe_model(self.model)
+        self.fingerprint = fingerprint(self.model_tensors)
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self.velocity: list[torch.Tensor] | None = None
         self.rules = upload_rules(config, self.model)
@@ -115,7 +128,7 @@ class Coordinator:
         self._started = time.monotonic()
         if restored is not None:
             self._restore(restored)
-        self._write_partition_summary()
+        self._write_partition_summary(shards)
 
     def _restore(self, state: ServerState) -> None:
         self.params, self.buffers, self.velocity = state.params, state.buffers, state.velocity
@@ -159,16 +172,14 @@ class Coordinator:
         log.debug("checkpoint after round %d: %d new LBG bytes in %.2fs", self._completed, written,
                   time.monotonic() - started)
 
-    def _write_partition_summary(self) -> None:
-        """partition.txt: which classes each worker's shard holds (workers compute the same split)."""
-        c = self.config
-        train = load_dataset(c.dataset, "train", Path(c.data_dir) if c.data_dir else None)
-        shards = partition(train.labels, c.workers, c.partition, c.seed, classes_per_worker=c.classes_per_worker,
-                           alpha=c.dirichlet_alpha)
-        self._shard_sizes = [len(shard) for shard in shards]
-        summary = format_class_summary(train.labels, shards, train.num_classes)
+    def _write_partition_summary(self, shards: list) -> None:
+        """partition.txt: what each worker's shard holds (workers compute the same split)."""
+        if self.task.describe_shards is not None:
+            summary = self.task.describe_shards(shards)
+        else:
+            summary = "\n".join(f"worker {index}: {size} samples" for index, size in enumerate(self._shard_sizes))
         (self.recorder.run_dir / "partition.txt").write_text(summary + "\n")
-        log.info("data partition (%s, worker index = shard = worker id - 1):\n%s", c.partition, summary)
+        log.info("data partition (worker index = shard = worker id - 1):\n%s", summary)
 
     # ---------------------------------------------------------- worker side
 
@@ -189,7 +200,9 @@ class Coordinator:
         return pb.ExperimentSpec(
             dataset=c.dataset, model=c.model, partition=c.partition, classes_per_worker=c.classes_per_worker,
             dirichlet_alpha=c.dirichlet_alpha, num_shards=c.workers, seed=c.seed, granularity=c.granularity,
-            model_fingerprint=self.fingerprint,
+            model_fingerprint=self.fingerprint, task=c.task, eval_batch_size=c.eval_batch_size,
+            model_tensors=[pb.TensorSpec(name=t.name, shape=t.shape, dtype=t.dtype, buffer=t.buffer)
+                           for t in self.model_tensors],
         )
 
     def wait_for_task(self, worker_id: int, max_wait: float,
@@ -379,14 +392,17 @@ class Coordinator:
 
     def _evaluate(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> tuple[float, float]:
         """(test accuracy, test loss) of a model state; the driver thread alone uses self.model."""
+        if self.test_data is None:
+            return math.nan, math.nan
         load_state(self.model, params, buffers)
-        return evaluate(self.model, self.test_set, self.config.eval_batch_size)
+        result = self.task.evaluate(self.model, self.test_data)
+        return float(result.accuracy), float(result.loss)
 
     def _model_before_round(self) -> GlobalModel:
         """The global model with its test figures, which the round guard compares against
         (evaluated here only before the first round, when no round has measured it)."""
         accuracy, loss = self._last_eval
-        if not math.isfinite(loss):
+        if not math.isfinite(loss) and self.test_data is not None:
             accuracy, loss = self._evaluate(self.params, self.buffers)
         return GlobalModel(self.params, self.velocity, self.buffers, accuracy, loss)
 
@@ -421,7 +437,7 @@ class Coordinator:
             updates = [closed.accepted[w] for w in participants]
             outcome = aggregate_round(previous, [u.gradient for u in updates], [u.buffers for u in updates],
                                       [u.num_samples for u in updates], c.robust_rule, c.effective_server_lr,
-                                      c.server_momentum, self._evaluate)
+                                      c.server_momentum, self._evaluate if self.test_data is not None else None)
             if outcome.refusal:
                 log.warning("round %d discarded, the previous model is kept: %s", number, outcome.refusal)
             kept = outcome.model

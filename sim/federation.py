@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from lbgm.common.config import ExperimentConfig
-from lbgm.common.datasets import load_dataset
-from lbgm.common.models import build_model
-from lbgm.common.partition import partition, sample_workers
 from lbgm.common.robust import GlobalModel, aggregate_round
 from lbgm.common.wire import ReceivedUpdate
-from lbgm.server.evaluation import evaluate, load_state
+from lbgm.server.evaluation import load_state
 from lbgm.server.mirrors import MirrorStore
-from lbgm.server.rounds import WIRE_DTYPES, upload_rules
+from lbgm.server.rounds import WIRE_DTYPES, shard_data, upload_rules
+from lbgm.server.sampling import sample_workers
 from lbgm.server.updates import judge_update
 from lbgm.v1 import lbgm_pb2 as pb
+from lbgm.task.loader import build_model, load_task
 from lbgm.worker.encoder import LbgmEncoder
 from lbgm.worker.trainer import LocalTrainer, local_seed
 
@@ -49,13 +47,9 @@ class SimulationResult:
 def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> SimulationResult:
     """Run the whole federation in this process. The server's round rule (lbgm.common.robust) evaluates
     every round; `evaluate_every_round` says whether every record carries test figures, or only the last."""
-    data_dir = Path(config.data_dir) if config.data_dir else None
-    train = load_dataset(config.dataset, "train", data_dir)
-    test = load_dataset(config.dataset, "test", data_dir)
-    shards = partition(train.labels, config.workers, config.partition, config.seed,
-                       classes_per_worker=config.classes_per_worker, alpha=config.dirichlet_alpha)
-    shape = tuple(train.images.shape[1:])
-    model = build_model(config.model, config.seed, shape, train.num_classes)
+    task = load_task(config.task, config.task_options)
+    model = build_model(task, config.seed, config.task)
+    test = task.test_data(config.data_path) if task.test_data is not None and task.evaluate is not None else None
     params = [p.detach().clone() for p in model.parameters()]
     buffers = [b.detach().clone() for b in model.buffers()]
     rules = upload_rules(config, model)
@@ -63,20 +57,23 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
     workers = {
         shard + 1: SimulatedWorker(
             worker_id=shard + 1,
-            trainer=LocalTrainer(build_model(config.model, config.seed, shape, train.num_classes),
-                                 train.images[idx], train.labels[idx], seed=local_seed(config.seed, shard)),
+            trainer=LocalTrainer(task, build_model(task, config.seed, config.task), data,
+                                 seed=local_seed(config.seed, shard)),
             encoder=LbgmEncoder(rules.units, config.compressor_settings, seed=local_seed(config.seed, shard)),
         )
-        for shard, idx in enumerate(shards)
+        for shard, data in enumerate(shard_data(task, config))
     }
     mirrors = MirrorStore()
     result = SimulationResult(params=params, buffers=buffers, mirrors=mirrors, workers=workers)
 
     def evaluate_model(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> tuple[float, float]:
         load_state(model, params, buffers)
-        return evaluate(model, test, config.eval_batch_size)
+        result = task.evaluate(model, test)
+        return float(result.accuracy), float(result.loss)
 
-    current = GlobalModel(params, None, buffers, *evaluate_model(params, buffers))
+    evaluator = evaluate_model if test is not None else None
+    figures = evaluate_model(params, buffers) if evaluator else (float("nan"), float("nan"))
+    current = GlobalModel(params, None, buffers, *figures)
     ids = sorted(workers)
     for number in range(1, config.rounds + 1):
         started = time.monotonic()
@@ -85,7 +82,7 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
         for worker_id in sampled:
             worker = workers[worker_id]
             gradient, loss = worker.trainer.train([*result.params, *result.buffers], config.local_steps,
-                                                  config.batch_size, config.local_lr)
+                                                  config.batch_size, config.local_lr, number)
             encoded = worker.encoder.encode(gradient, number, config.delta, wire_dtype,
                                             error_feedback=config.error_feedback)
             update = ReceivedUpdate(
@@ -98,7 +95,7 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
             accepted.append(verdict)
         outcome = aggregate_round(current, [a.gradient for a in accepted], [a.buffers for a in accepted],
                                   [a.num_samples for a in accepted], config.robust_rule,
-                                  config.effective_server_lr, config.server_momentum, evaluate_model)
+                                  config.effective_server_lr, config.server_momentum, evaluator)
         current = outcome.model
         result.params, result.buffers = current.params, current.buffers
         record = {

@@ -37,9 +37,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lbgm.common.datasets import load_dataset
-from lbgm.common.models import build_model
-from lbgm.server.evaluation import evaluate
+from lbgm.task import Examples
+from lbgm.tasks.datasets import load_dataset
+from lbgm.tasks.image import accuracy_and_loss
+from lbgm.tasks.models import build_model
 from lbgm.worker.trainer import LocalTrainer
 
 FRACTIONS = (0.95, 0.99)
@@ -138,7 +139,7 @@ def record_epoch_gradients(model: nn.Module, images: torch.Tensor, labels: torch
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     names = [name for name, _ in model.named_parameters()]
-    trainer = LocalTrainer(model, images, labels, seed=seed)
+    trainer = LocalTrainer.default(model, Examples(images, labels), seed=seed)
     steps = max(1, trainer.num_samples // batch_size)
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     losses = []
@@ -162,7 +163,7 @@ def run_analysis(settings: AnalysisSettings, progress: bool = True) -> GradientS
     model = build_model(settings.model, settings.seed, tuple(train.images.shape[1:]), train.num_classes)
     history = record_epoch_gradients(model, train.images[:count], train.labels[:count], settings.epochs,
                                      settings.batch_size, settings.lr, settings.seed, progress)
-    accuracy, _ = evaluate(model, test, batch_size=1000)
+    accuracy = accuracy_and_loss(model, Examples(test.images, test.labels), batch_size=1000).accuracy
     layers = tuple(layer_spectrum(name, rows) for name, rows in history.rows.items())
     return GradientSpaceReport(settings=settings, train_samples=count, epoch_losses=history.epoch_losses,
                                test_accuracy=accuracy, layers=layers)

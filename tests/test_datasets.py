@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lbgm.common.datasets import (DATASET_SHAPES, DATASETS, EMBEDDED, INFO, NUM_CLASSES, DatasetError,
+from lbgm.tasks.datasets import (DATASET_SHAPES, DATASETS, EMBEDDED, INFO, NUM_CLASSES, DatasetError,
                                   load_dataset)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # <repo>/../shared/data

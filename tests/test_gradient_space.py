@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from lbgm.cli.analyze import OUTPUT_FILES, add_parser
 from lbgm.cli.main import UsageError
-from lbgm.common.models import build_model
+from lbgm.tasks.models import build_model
 from lbgm.sim.gradient_space import (
     components_for_fraction, counts_per_epoch, gram_matrix, record_epoch_gradients, squared_singular_values,
 )

@@ -21,7 +21,7 @@ import torch
 
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.lookback import LookbackGradient
-from lbgm.common.models import build_model
+from lbgm.tasks.models import build_model
 from lbgm.common.grpc_options import (
     CHANNEL_OPTIONS, JOIN_TOKEN_KEY, OPERATOR_TOKEN_KEY, PROTOCOL, WORKER_ID_KEY, worker_metadata,
 )

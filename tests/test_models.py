@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lbgm.common.lookback import average_buffers, decision_units
-from lbgm.common.models import MODELS, build_model, model_fingerprint
+from lbgm.common.model_spec import describe_model, fingerprint
+from lbgm.tasks.models import MODELS, build_model
 from lbgm.common.wire import FullLayer, read_update_body, read_update_header, update_parts
 from lbgm.server.updates import UpdateRejected, UploadRules, judge_update
 from lbgm.v1 import lbgm_pb2 as pb
@@ -29,7 +30,8 @@ def test_reference_cnn_has_the_authors_layer_sizes():
 def test_same_seed_same_weights_and_fingerprint():
     first, second = build_model("cnn", 3), build_model("cnn", 3)
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
-    assert model_fingerprint(first) == model_fingerprint(second) != model_fingerprint(build_model("mlp", 3))
+    assert (fingerprint(describe_model(first)) == fingerprint(describe_model(second))
+            != fingerprint(describe_model(build_model("mlp", 3))))
 
 
 def test_batchnorm_models_have_buffers_and_plain_ones_do_not():

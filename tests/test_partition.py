@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lbgm.common.partition import PARTITIONS, class_summary, format_class_summary, partition
+from lbgm.tasks.partition import PARTITIONS, class_summary, format_class_summary, partition
 
 
 def skewed_labels(num_classes: int = 10, size: int = 6000, seed: int = 0) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from lbgm.common.config import ConfigError, ExperimentConfig
 from lbgm.common.lookback import RebuiltGradient, rebuild, rebuild_is_finite
-from lbgm.common.models import build_model
+from lbgm.tasks.models import build_model
 from lbgm.common.robust import (
     LOSS_JUMP_FLOOR, GlobalModel, RobustRule, aggregate_round, bound_updates, layer_norms, median_norms,
     refusal_reason,

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from lbgm.common.tls import ChannelTls
+from lbgm.task.loader import BUILTIN_TASK
 from lbgm.worker.client import RetryPolicy, VirtualWorker, WorkerStopped
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_seconds: float = 20.0,
                         retry: RetryPolicy = RetryPolicy(), state_dir: Path | None = None,
                         tls: Mapping[str, ChannelTls] | None = None, parallel_training: int = 1,
-                        join_token: bytes | None = None) -> int:
+                        join_token: bytes | None = None, task: str = BUILTIN_TASK) -> int:
     """Run every named virtual worker until training finishes; 0 if all ended cleanly.
 
     At most `parallel_training` of them train at the same moment: their uploads and downloads
@@ -28,7 +29,7 @@ def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_
 
     With `tls` every worker dials over TLS with the credentials under its name (with mutual TLS,
     its own client certificate); without, all dial plaintext. `join_token` is the server's
-    enrollment secret, if it has one.
+    enrollment secret, if it has one. `task` is the reference of the task every virtual worker runs.
     """
     stop = threading.Event()
     failures: list[str] = []
@@ -50,7 +51,8 @@ def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_
             signal.signal(signum, lambda *_: stop.set())
     training_slots = threading.BoundedSemaphore(parallel_training)
     workers = [VirtualWorker(name, target, data_dir, poll_seconds, retry, stop, state_dir,
-                             tls[name] if tls is not None else None, training_slots, join_token) for name in names]
+                             tls[name] if tls is not None else None, training_slots, join_token, task)
+               for name in names]
     threads = [threading.Thread(target=run_one, args=(w,), name=w.name) for w in workers]
     for thread in threads:
         thread.start()

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+import torch
 
 from lbgm.common.codec import torch_dtype
 from lbgm.common.grpc_options import ERROR_DETAIL_KEY, JOIN_TOKEN_KEY, PROTOCOL, worker_metadata
 from lbgm.common.lookback import decision_units
-from lbgm.common.models import build_model, model_fingerprint
+from lbgm.common.model_spec import TensorSpec, describe_model, model_differences
 from lbgm.common.state_files import lbgs_from_state, lbgs_to_state, save_atomic
 from lbgm.common.state_files import load as load_state
 from lbgm.common.tls import ChannelTls, open_channel
@@ -36,7 +37,8 @@ from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 from lbgm.worker.encoder import EncodedRound, LbgmEncoder, compressor_settings
 from lbgm.worker.rollback import StateHistory, WorkerSnapshot
-from lbgm.worker.shards import local_shard
+from lbgm.task import Shard, TaskOptions
+from lbgm.task.loader import BUILTIN_TASK, build_model, call_task, load_task
 from lbgm.worker.trainer import LocalTrainer, local_seed
 
 log = logging.getLogger(__name__)
@@ -78,13 +80,35 @@ def error_detail(error: grpc.RpcError) -> pb.ErrorDetail | None:
     return None
 
 
+class ModelMismatch(RuntimeError):
+    """This worker's task builds a model that differs from the server's."""
+
+
+def task_options(spec: pb.ExperimentSpec) -> TaskOptions:
+    """The options the server's task factory was given, as its ExperimentSpec carries them."""
+    return TaskOptions(dataset=spec.dataset, model=spec.model, partition=spec.partition,
+                       classes_per_worker=spec.classes_per_worker, dirichlet_alpha=spec.dirichlet_alpha,
+                       eval_batch_size=spec.eval_batch_size)
+
+
+def check_model(spec: pb.ExperimentSpec, model: torch.nn.Module, task: str) -> None:
+    """Raise ModelMismatch naming every difference between the server's model and this one."""
+    expected = [TensorSpec(t.name, tuple(t.shape), t.dtype, t.buffer) for t in spec.model_tensors]
+    differences = model_differences(expected, describe_model(model))
+    if differences:
+        raise ModelMismatch(f"the model of task {task!r} differs from the server's (task {spec.task!r}): "
+                            f"{'; '.join(differences)}")
+
+
 class VirtualWorker:
     def __init__(self, name: str, target: str, data_dir: str = "", poll_seconds: float = 20.0,
                  retry: RetryPolicy = RetryPolicy(), stop: threading.Event | None = None,
                  state_dir: Path | None = None, tls: ChannelTls | None = None,
-                 training_slots: threading.Semaphore | None = None, join_token: bytes | None = None) -> None:
+                 training_slots: threading.Semaphore | None = None, join_token: bytes | None = None,
+                 task: str = BUILTIN_TASK) -> None:
         self.name = name
         self.target = target
+        self.task = task  # the reference of the task this worker runs; the server's must build the same model
         self.tls = tls  # with mutual TLS, a client certificate whose Common Name is `name`
         self.join_metadata = ((JOIN_TOKEN_KEY, join_token),) if join_token is not None else None
         self.training_slots = training_slots or threading.Semaphore(1)  # shared by a process's virtual workers
@@ -135,13 +159,13 @@ class VirtualWorker:
         self.worker_id, self.token = reply.worker_id, reply.token
         spec = reply.experiment
         if self.trainer is None:
-            images, labels, num_classes = local_shard(spec, reply.shard_index, self.data_dir)
-            model = build_model(spec.model, spec.seed, tuple(images.shape[1:]), num_classes)
-            if model_fingerprint(model) != spec.model_fingerprint:
-                raise RuntimeError(f"{self.name}: local model {spec.model!r} differs from the server's "
-                                   f"(fingerprint {model_fingerprint(model)} != {spec.model_fingerprint})")
+            task = load_task(self.task, task_options(spec))
+            model = build_model(task, spec.seed, self.task)
+            check_model(spec, model, self.task)
+            shard = Shard(reply.shard_index, spec.num_shards, spec.seed, Path(self.data_dir) if self.data_dir else None)
+            data = call_task(self.task, "train_data", task.train_data, shard)
             seed = local_seed(spec.seed, reply.shard_index)
-            self.trainer = LocalTrainer(model, images, labels, seed=seed)
+            self.trainer = LocalTrainer(task, model, data, seed=seed)
             self.encoder = LbgmEncoder(decision_units(len(list(model.parameters())), spec.granularity), seed=seed)
             if self.state_path is not None and self.state_path.exists():
                 self.encoder.lbgs = lbgs_from_state(load_state(self.state_path))
@@ -217,7 +241,7 @@ class VirtualWorker:
         self.history.forget_before(task.checkpointed_round)
         with self.training_slots:
             gradient, loss = self.trainer.train(received.tensors, settings.local_steps, settings.batch_size,
-                                                settings.local_lr)
+                                                settings.local_lr, task.round)
         wire_dtype = torch_dtype(settings.wire_dtype)
         self.encoder.compressor = compressor_settings(settings)
         buffers = self.trainer.buffers()

@@ -1,17 +1,17 @@
-"""Local training: tau SGD steps from the global model on the worker's shard.
-
-The update is the accumulated gradient g = sum of the tau minibatch
-gradients, i.e. (theta_t - theta_local) / lr for plain SGD.
+"""Local training: the task's training (default: tau SGD steps) from the global model on the
+worker's shard, turned into the update g the server steps on (the definition is in lbgm.task).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from lbgm.task import Examples, LocalRound, LocalResult, Task
 
 
 def local_seed(experiment_seed: int, shard_index: int) -> int:
@@ -30,19 +30,24 @@ class BatchPosition:
 
 
 class LocalTrainer:
-    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
-        if len(labels) == 0:
+    def __init__(self, task: Task, model: nn.Module, data: Any, seed: int) -> None:
+        if len(data) == 0:
             raise ValueError("a worker needs at least one training sample")
+        self.task = task
         self.model = model
-        self.images = images
-        self.labels = labels
+        self.data = data
         self._generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.int64)
         self._cursor = 0
 
+    @classmethod
+    def default(cls, model: nn.Module, data: Examples, seed: int) -> LocalTrainer:
+        """The default training (SGD, cross-entropy) of `model` on `data`, outside any task: for analyses."""
+        return cls(Task(model=lambda: model, train_data=lambda _: data), model, data, seed)
+
     @property
     def num_samples(self) -> int:
-        return len(self.labels)
+        return len(self.data)
 
     def position(self) -> BatchPosition:
         return BatchPosition(self._generator.get_state(), self._order, self._cursor)
@@ -63,31 +68,36 @@ class LocalTrainer:
         return batch
 
     def train(self, global_state: Sequence[torch.Tensor], local_steps: int, batch_size: int,
-              lr: float) -> tuple[list[torch.Tensor], float]:
-        """(accumulated gradient per parameter, mean training loss over the steps).
+              lr: float, round_number: int = 0) -> tuple[list[torch.Tensor], float]:
+        """(update g per parameter, mean training loss over the steps).
 
         `global_state` is the global model's parameters followed by its buffers;
-        afterwards `buffers()` holds this worker's updated BatchNorm statistics.
+        afterwards `buffers()` holds this worker's updated buffers (e.g. BatchNorm statistics).
         """
         params = list(self.model.parameters())
         with torch.no_grad():
             for target, value in zip([*params, *self.model.buffers()], global_state, strict=True):
                 target.copy_(value)
-        accumulated = [torch.zeros_like(p) for p in params]
-        self.model.train()
-        loss_sum = 0.0
-        for _ in range(local_steps):
-            batch = self._next_batch(batch_size)
-            for param in params:
-                param.grad = None
-            loss = F.cross_entropy(self.model(self.images[batch]), self.labels[batch])
-            loss.backward()
-            loss_sum += loss.item()
-            with torch.no_grad():
-                for param, acc in zip(params, accumulated):
-                    acc.add_(param.grad)
-                    param.sub_(param.grad, alpha=lr)
-        return accumulated, loss_sum / local_steps
+        result = self.task.train(LocalRound(
+            model=self.model, data=self.data, loss=self.task.loss, steps=local_steps, batch_size=batch_size, lr=lr,
+            round=round_number, generator=self._generator, next_batch=self._next_batch))
+        return update_of(result, global_state[:len(params)], params, lr), float(result.loss)
 
     def buffers(self) -> list[torch.Tensor]:
         return [buffer.detach().clone() for buffer in self.model.buffers()]
+
+
+def update_of(result: LocalResult, start: Sequence[torch.Tensor], trained: Sequence[torch.Tensor],
+              lr: float) -> list[torch.Tensor]:
+    """The update g of a local training: the gradient it returned, else (theta - theta_local) / lr."""
+    if not isinstance(result, LocalResult):
+        raise TypeError(f"the task's training returned a {type(result).__name__}, expected a lbgm.task.LocalResult")
+    if result.gradient is None:
+        with torch.no_grad():
+            return [(before - after.detach()) / lr for before, after in zip(start, trained, strict=True)]
+    gradient = [g.detach() for g in result.gradient]
+    shapes = [tuple(g.shape) for g in gradient]
+    expected = [tuple(p.shape) for p in trained]
+    if shapes != expected:
+        raise ValueError(f"the task's training returned gradients of shapes {shapes}, expected {expected}")
+    return gradient

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12lbgm/v1/lbgm.proto\x12\x07lbgm.v1\"J\n\nTensorMeta\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.lbgm.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"\x1b\n\x0bTensorChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"4\n\x0bJoinRequest\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\"\xca\x01\n\x0e\x45xperimentSpec\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\t\x12\x1a\n\x12\x63lasses_per_worker\x18\x04 \x01(\r\x12\x17\n\x0f\x64irichlet_alpha\x18\x05 \x01(\x01\x12\x12\n\nnum_shards\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x13\n\x0bgranularity\x18\x08 \x01(\t\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\",\n\x0bUnitVersion\x12\x0c\n\x04unit\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\r\"\xb8\x01\n\tJoinReply\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x13\n\x0bshard_index\x18\x03 \x01(\r\x12+\n\nexperiment\x18\x04 \x01(\x0b\x32\x17.lbgm.v1.ExperimentSpec\x12*\n\x0clbg_versions\x18\x05 \x03(\x0b\x32\x14.lbgm.v1.UnitVersion\x12\x1b\n\x13last_accepted_round\x18\x06 \x01(\r\"I\n\x0bTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x18\n\x10max_wait_seconds\x18\x03 \x01(\x01\"\x9f\x02\n\rTrainSettings\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x10\n\x08local_lr\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\"\n\nwire_dtype\x18\x05 \x01(\x0e\x32\x0e.lbgm.v1.DType\x12\x16\n\x0e\x65rror_feedback\x18\x06 \x01(\x08\x12\x1d\n\x05\x63odec\x18\x07 \x01(\x0e\x32\x0e.lbgm.v1.Codec\x12\x15\n\rtopk_fraction\x18\x0c \x01(\x01\x12\x1b\n\x13quantization_levels\x18\t \x01(\r\x12\x14\n\x0clowrank_rank\x18\n \x01(\r\x12\x19\n\x11\x63ompressor_memory\x18\x0b \x01(\x08J\x04\x08\x08\x10\t\"\xa8\x01\n\tRoundTask\x12\r\n\x05round\x18\x01 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x02 \x01(\r\x12(\n\x08settings\x18\x03 \x01(\x0b\x32\x16.lbgm.v1.TrainSettings\x12\x13\n\x0bnum_tensors\x18\x04 \x01(\r\x12\x1b\n\x13seconds_to_deadline\x18\x05 \x01(\x01\x12\x1a\n\x12\x63heckpointed_round\x18\x06 \x01(\r\"M\n\x0bModelTensor\x12\r\n\x05index\x18\x01 \x01(\r\x12!\n\x04meta\x18\x02 \x01(\x0b\x32\x13.lbgm.v1.TensorMeta\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1a\n\x08\x46inished\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x06\n\x04Idle\"\xcb\x01\n\x08TaskPart\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x12.lbgm.v1.RoundTaskH\x00\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.lbgm.v1.ModelTensorH\x00\x12%\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x14.lbgm.v1.TensorChunkH\x00\x12\x1d\n\x04idle\x18\x04 \x01(\x0b\x32\r.lbgm.v1.IdleH\x00\x12%\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x11.lbgm.v1.FinishedH\x00\x42\x06\n\x04part\"h\n\x0cUpdateHeader\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\r\n\x05round\x18\x03 \x01(\r\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x12\n\ntrain_loss\x18\x05 \x01(\x02\"\x83\x01\n\x0c\x46ullGradient\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0blbg_version\x18\x02 \x01(\r\x12\x1d\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x0e.lbgm.v1.Codec\x12\"\n\x05parts\x18\x04 \x03(\x0b\x32\x13.lbgm.v1.TensorMeta\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"A\n\x0cScalarUpdate\x12\r\n\x05units\x18\x01 \x03(\r\x12\x0c\n\x04rhos\x18\x02 \x03(\x02\x12\x14\n\x0clbg_versions\x18\x03 \x03(\r\"\xdd\x01\n\nUpdatePart\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.lbgm.v1.UpdateHeaderH\x00\x12%\n\x04\x66ull\x18\x02 \x01(\x0b\x32\x15.lbgm.v1.FullGradientH\x00\x12%\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x14.lbgm.v1.TensorChunkH\x00\x12(\n\x07scalars\x18\x04 \x01(\x0b\x32\x15.lbgm.v1.ScalarUpdateH\x00\x12&\n\x06\x62uffer\x18\x05 \x01(\x0b\x32\x14.lbgm.v1.ModelTensorH\x00\x42\x06\n\x04part\"D\n\tUpdateAck\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nfull_units\x18\x02 \x01(\r\x12\x14\n\x0cscalar_units\x18\x03 \x01(\r\"\xee\x01\n\x0b\x45rrorDetail\x12+\n\x06reason\x18\x01 \x01(\x0e\x32\x1b.lbgm.v1.ErrorDetail.Reason\x12\x13\n\x0bstale_units\x18\x02 \x03(\r\x12\x15\n\rcurrent_round\x18\x03 \x01(\r\"\x85\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tSTALE_LBG\x10\x01\x12\x10\n\x0cROUND_CLOSED\x10\x02\x12\r\n\tMALFORMED\x10\x03\x12\x13\n\x0fUNAUTHENTICATED\x10\x04\x12\r\n\tDUPLICATE\x10\x05\x12\x0f\n\x0bNOT_SAMPLED\x10\x06\"-\n\rStatusRequest\x12\x1c\n\x14include_state_digest\x18\x01 \x01(\x08\"\xe4\x01\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x02 \x01(\r\x12\x16\n\x0eworkers_joined\x18\x03 \x01(\r\x12\x15\n\rtest_accuracy\x18\x04 \x01(\x01\x12\x11\n\ttest_loss\x18\x05 \x01(\x01\x12\x14\n\x0cuplink_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x64ownlink_bytes\x18\x07 \x01(\x04\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\x12\x18\n\x10\x63ompleted_rounds\x18\t \x01(\r\x12\x14\n\x0cstate_digest\x18\n \x01(\t*\x93\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT16\x10\x07\x12\x08\n\x04INT8\x10\x08\x12\t\n\x05UINT8\x10\t\x12\x08\n\x04\x42OOL\x10\n*=\n\x05\x43odec\x12\t\n\x05\x44\x45NSE\x10\x00\x12\x08\n\x04TOPK\x10\x01\x12\x08\n\x04SIGN\x10\x02\x12\x08\n\x04QSGD\x10\x03\x12\x0b\n\x07LOWRANK\x10\x04\x32\xea\x01\n\nAggregator\x12\x30\n\x04Join\x12\x14.lbgm.v1.JoinRequest\x1a\x12.lbgm.v1.JoinReply\x12\x34\n\x07GetTask\x12\x14.lbgm.v1.TaskRequest\x1a\x11.lbgm.v1.TaskPart0\x01\x12\x39\n\x0cSubmitUpdate\x12\x13.lbgm.v1.UpdatePart\x1a\x12.lbgm.v1.UpdateAck(\x01\x12\x39\n\tGetStatus\x12\x16.lbgm.v1.StatusRequest\x1a\x14.lbgm.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12lbgm/v1/lbgm.proto\x12\x07lbgm.v1\"J\n\nTensorMeta\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.lbgm.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"\x1b\n\x0bTensorChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"4\n\x0bJoinRequest\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\"\x9d\x02\n\x0e\x45xperimentSpec\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\t\x12\x1a\n\x12\x63lasses_per_worker\x18\x04 \x01(\r\x12\x17\n\x0f\x64irichlet_alpha\x18\x05 \x01(\x01\x12\x12\n\nnum_shards\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x13\n\x0bgranularity\x18\x08 \x01(\t\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\x12\x0c\n\x04task\x18\n \x01(\t\x12*\n\rmodel_tensors\x18\x0b \x03(\x0b\x32\x13.lbgm.v1.TensorSpec\x12\x17\n\x0f\x65val_batch_size\x18\x0c \x01(\r\"H\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x62uffer\x18\x04 \x01(\x08\",\n\x0bUnitVersion\x12\x0c\n\x04unit\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\r\"\xb8\x01\n\tJoinReply\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x13\n\x0bshard_index\x18\x03 \x01(\r\x12+\n\nexperiment\x18\x04 \x01(\x0b\x32\x17.lbgm.v1.ExperimentSpec\x12*\n\x0clbg_versions\x18\x05 \x03(\x0b\x32\x14.lbgm.v1.UnitVersion\x12\x1b\n\x13last_accepted_round\x18\x06 \x01(\r\"I\n\x0bTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x18\n\x10max_wait_seconds\x18\x03 \x01(\x01\"\x9f\x02\n\rTrainSettings\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x10\n\x08local_lr\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\"\n\nwire_dtype\x18\x05 \x01(\x0e\x32\x0e.lbgm.v1.DType\x12\x16\n\x0e\x65rror_feedback\x18\x06 \x01(\x08\x12\x1d\n\x05\x63odec\x18\x07 \x01(\x0e\x32\x0e.lbgm.v1.Codec\x12\x15\n\rtopk_fraction\x18\x0c \x01(\x01\x12\x1b\n\x13quantization_levels\x18\t \x01(\r\x12\x14\n\x0clowrank_rank\x18\n \x01(\r\x12\x19\n\x11\x63ompressor_memory\x18\x0b \x01(\x08J\x04\x08\x08\x10\t\"\xa8\x01\n\tRoundTask\x12\r\n\x05round\x18\x01 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x02 \x01(\r\x12(\n\x08settings\x18\x03 \x01(\x0b\x32\x16.lbgm.v1.TrainSettings\x12\x13\n\x0bnum_tensors\x18\x04 \x01(\r\x12\x1b\n\x13seconds_to_deadline\x18\x05 \x01(\x01\x12\x1a\n\x12\x63heckpointed_round\x18\x06 \x01(\r\"M\n\x0bModelTensor\x12\r\n\x05index\x18\x01 \x01(\r\x12!\n\x04meta\x18\x02 \x01(\x0b\x32\x13.lbgm.v1.TensorMeta\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1a\n\x08\x46inished\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x06\n\x04Idle\"\xcb\x01\n\x08TaskPart\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x12.lbgm.v1.RoundTaskH\x00\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.lbgm.v1.ModelTensorH\x00\x12%\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x14.lbgm.v1.TensorChunkH\x00\x12\x1d\n\x04idle\x18\x04 \x01(\x0b\x32\r.lbgm.v1.IdleH\x00\x12%\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x11.lbgm.v1.FinishedH\x00\x42\x06\n\x04part\"h\n\x0cUpdateHeader\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\r\n\x05round\x18\x03 \x01(\r\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x12\n\ntrain_loss\x18\x05 \x01(\x02\"\x83\x01\n\x0c\x46ullGradient\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0blbg_version\x18\x02 \x01(\r\x12\x1d\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x0e.lbgm.v1.Codec\x12\"\n\x05parts\x18\x04 \x03(\x0b\x32\x13.lbgm.v1.TensorMeta\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"A\n\x0cScalarUpdate\x12\r\n\x05units\x18\x01 \x03(\r\x12\x0c\n\x04rhos\x18\x02 \x03(\x02\x12\x14\n\x0clbg_versions\x18\x03 \x03(\r\"\xdd\x01\n\nUpdatePart\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.lbgm.v1.UpdateHeaderH\x00\x12%\n\x04\x66ull\x18\x02 \x01(\x0b\x32\x15.lbgm.v1.FullGradientH\x00\x12%\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x14.lbgm.v1.TensorChunkH\x00\x12(\n\x07scalars\x18\x04 \x01(\x0b\x32\x15.lbgm.v1.ScalarUpdateH\x00\x12&\n\x06\x62uffer\x18\x05 \x01(\x0b\x32\x14.lbgm.v1.ModelTensorH\x00\x42\x06\n\x04part\"D\n\tUpdateAck\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nfull_units\x18\x02 \x01(\r\x12\x14\n\x0cscalar_units\x18\x03 \x01(\r\"\xee\x01\n\x0b\x45rrorDetail\x12+\n\x06reason\x18\x01 \x01(\x0e\x32\x1b.lbgm.v1.ErrorDetail.Reason\x12\x13\n\x0bstale_units\x18\x02 \x03(\r\x12\x15\n\rcurrent_round\x18\x03 \x01(\r\"\x85\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tSTALE_LBG\x10\x01\x12\x10\n\x0cROUND_CLOSED\x10\x02\x12\r\n\tMALFORMED\x10\x03\x12\x13\n\x0fUNAUTHENTICATED\x10\x04\x12\r\n\tDUPLICATE\x10\x05\x12\x0f\n\x0bNOT_SAMPLED\x10\x06\"-\n\rStatusRequest\x12\x1c\n\x14include_state_digest\x18\x01 \x01(\x08\"\xe4\x01\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x02 \x01(\r\x12\x16\n\x0eworkers_joined\x18\x03 \x01(\r\x12\x15\n\rtest_accuracy\x18\x04 \x01(\x01\x12\x11\n\ttest_loss\x18\x05 \x01(\x01\x12\x14\n\x0cuplink_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x64ownlink_bytes\x18\x07 \x01(\x04\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\x12\x18\n\x10\x63ompleted_rounds\x18\t \x01(\r\x12\x14\n\x0cstate_digest\x18\n \x01(\t*\x93\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT16\x10\x07\x12\x08\n\x04INT8\x10\x08\x12\t\n\x05UINT8\x10\t\x12\x08\n\x04\x42OOL\x10\n*=\n\x05\x43odec\x12\t\n\x05\x44\x45NSE\x10\x00\x12\x08\n\x04TOPK\x10\x01\x12\x08\n\x04SIGN\x10\x02\x12\x08\n\x04QSGD\x10\x03\x12\x0b\n\x07LOWRANK\x10\x04\x32\xea\x01\n\nAggregator\x12\x30\n\x04Join\x12\x14.lbgm.v1.JoinRequest\x1a\x12.lbgm.v1.JoinReply\x12\x34\n\x07GetTask\x12\x14.lbgm.v1.TaskRequest\x1a\x11.lbgm.v1.TaskPart0\x01\x12\x39\n\x0cSubmitUpdate\x12\x13.lbgm.v1.UpdatePart\x1a\x12.lbgm.v1.UpdateAck(\x01\x12\x39\n\tGetStatus\x12\x16.lbgm.v1.StatusRequest\x1a\x14.lbgm.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lbgm.v1.lbgm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2606
-  _globals['_DTYPE']._serialized_end=2753
-  _globals['_CODEC']._serialized_start=2755
-  _globals['_CODEC']._serialized_end=2816
+  _globals['_DTYPE']._serialized_start=2763
+  _globals['_DTYPE']._serialized_end=2910
+  _globals['_CODEC']._serialized_start=2912
+  _globals['_CODEC']._serialized_end=2973
   _globals['_TENSORMETA']._serialized_start=31
   _globals['_TENSORMETA']._serialized_end=105
   _globals['_TENSORCHUNK']._serialized_start=107
@@ -42,43 +42,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST']._serialized_start=136
   _globals['_JOINREQUEST']._serialized_end=188
   _globals['_EXPERIMENTSPEC']._serialized_start=191
-  _globals['_EXPERIMENTSPEC']._serialized_end=393
-  _globals['_UNITVERSION']._serialized_start=395
-  _globals['_UNITVERSION']._serialized_end=439
-  _globals['_JOINREPLY']._serialized_start=442
-  _globals['_JOINREPLY']._serialized_end=626
-  _globals['_TASKREQUEST']._serialized_start=628
-  _globals['_TASKREQUEST']._serialized_end=701
-  _globals['_TRAINSETTINGS']._serialized_start=704
-  _globals['_TRAINSETTINGS']._serialized_end=991
-  _globals['_ROUNDTASK']._serialized_start=994
-  _globals['_ROUNDTASK']._serialized_end=1162
-  _globals['_MODELTENSOR']._serialized_start=1164
-  _globals['_MODELTENSOR']._serialized_end=1241
-  _globals['_FINISHED']._serialized_start=1243
-  _globals['_FINISHED']._serialized_end=1269
-  _globals['_IDLE']._serialized_start=1271
-  _globals['_IDLE']._serialized_end=1277
-  _globals['_TASKPART']._serialized_start=1280
-  _globals['_TASKPART']._serialized_end=1483
-  _globals['_UPDATEHEADER']._serialized_start=1485
-  _globals['_UPDATEHEADER']._serialized_end=1589
-  _globals['_FULLGRADIENT']._serialized_start=1592
-  _globals['_FULLGRADIENT']._serialized_end=1723
-  _globals['_SCALARUPDATE']._serialized_start=1725
-  _globals['_SCALARUPDATE']._serialized_end=1790
-  _globals['_UPDATEPART']._serialized_start=1793
-  _globals['_UPDATEPART']._serialized_end=2014
-  _globals['_UPDATEACK']._serialized_start=2016
-  _globals['_UPDATEACK']._serialized_end=2084
-  _globals['_ERRORDETAIL']._serialized_start=2087
-  _globals['_ERRORDETAIL']._serialized_end=2325
-  _globals['_ERRORDETAIL_REASON']._serialized_start=2192
-  _globals['_ERRORDETAIL_REASON']._serialized_end=2325
-  _globals['_STATUSREQUEST']._serialized_start=2327
-  _globals['_STATUSREQUEST']._serialized_end=2372
-  _globals['_STATUSREPLY']._serialized_start=2375
-  _globals['_STATUSREPLY']._serialized_end=2603
-  _globals['_AGGREGATOR']._serialized_start=2819
-  _globals['_AGGREGATOR']._serialized_end=3053
+  _globals['_EXPERIMENTSPEC']._serialized_end=476
+  _globals['_TENSORSPEC']._serialized_start=478
+  _globals['_TENSORSPEC']._serialized_end=550
+  _globals['_UNITVERSION']._serialized_start=552
+  _globals['_UNITVERSION']._serialized_end=596
+  _globals['_JOINREPLY']._serialized_start=599
+  _globals['_JOINREPLY']._serialized_end=783
+  _globals['_TASKREQUEST']._serialized_start=785
+  _globals['_TASKREQUEST']._serialized_end=858
+  _globals['_TRAINSETTINGS']._serialized_start=861
+  _globals['_TRAINSETTINGS']._serialized_end=1148
+  _globals['_ROUNDTASK']._serialized_start=1151
+  _globals['_ROUNDTASK']._serialized_end=1319
+  _globals['_MODELTENSOR']._serialized_start=1321
+  _globals['_MODELTENSOR']._serialized_end=1398
+  _globals['_FINISHED']._serialized_start=1400
+  _globals['_FINISHED']._serialized_end=1426
+  _globals['_IDLE']._serialized_start=1428
+  _globals['_IDLE']._serialized_end=1434
+  _globals['_TASKPART']._serialized_start=1437
+  _globals['_TASKPART']._serialized_end=1640
+  _globals['_UPDATEHEADER']._serialized_start=1642
+  _globals['_UPDATEHEADER']._serialized_end=1746
+  _globals['_FULLGRADIENT']._serialized_start=1749
+  _globals['_FULLGRADIENT']._serialized_end=1880
+  _globals['_SCALARUPDATE']._serialized_start=1882
+  _globals['_SCALARUPDATE']._serialized_end=1947
+  _globals['_UPDATEPART']._serialized_start=1950
+  _globals['_UPDATEPART']._serialized_end=2171
+  _globals['_UPDATEACK']._serialized_start=2173
+  _globals['_UPDATEACK']._serialized_end=2241
+  _globals['_ERRORDETAIL']._serialized_start=2244
+  _globals['_ERRORDETAIL']._serialized_end=2482
+  _globals['_ERRORDETAIL_REASON']._serialized_start=2349
+  _globals['_ERRORDETAIL_REASON']._serialized_end=2482
+  _globals['_STATUSREQUEST']._serialized_start=2484
+  _globals['_STATUSREQUEST']._serialized_end=2529
+  _globals['_STATUSREPLY']._serialized_start=2532
+  _globals['_STATUSREPLY']._serialized_end=2760
+  _globals['_AGGREGATOR']._serialized_start=2976
+  _globals['_AGGREGATOR']._serialized_end=3210
 # @@protoc_insertion_point(module_scope)

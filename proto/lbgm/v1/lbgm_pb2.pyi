@@ -70,7 +70,7 @@ class JoinRequest(_message.Message):
     def __init__(self, worker_name: _Optional[str] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class ExperimentSpec(_message.Message):
-    __slots__ = ("dataset", "model", "partition", "classes_per_worker", "dirichlet_alpha", "num_shards", "seed", "granularity", "model_fingerprint")
+    __slots__ = ("dataset", "model", "partition", "classes_per_worker", "dirichlet_alpha", "num_shards", "seed", "granularity", "model_fingerprint", "task", "model_tensors", "eval_batch_size")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,9 @@ class ExperimentSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     model: str
     partition: str
@@ -89,7 +92,22 @@ class ExperimentSpec(_message.Message):
     seed: int
     granularity: str
     model_fingerprint: str
-    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., partition: _Optional[str] = ..., classes_per_worker: _Optional[int] = ..., dirichlet_alpha: _Optional[float] = ..., num_shards: _Optional[int] = ..., seed: _Optional[int] = ..., granularity: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    task: str
+    model_tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    eval_batch_size: int
+    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., partition: _Optional[str] = ..., classes_per_worker: _Optional[int] = ..., dirichlet_alpha: _Optional[float] = ..., num_shards: _Optional[int] = ..., seed: _Optional[int] = ..., granularity: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., task: _Optional[str] = ..., model_tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., eval_batch_size: _Optional[int] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "shape", "dtype", "buffer")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    buffer: bool
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., buffer: _Optional[bool] = ...) -> None: ...
 
 class UnitVersion(_message.Message):
     __slots__ = ("unit", "version")

@@ -3,12 +3,13 @@ layer order: unit i of the "layer" granularity is `list(model.parameters())[i]`.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from lbgm.task.loader import seeded
 
 
 InputShape = tuple[int, int, int]  # channels, height, width
@@ -106,15 +107,4 @@ def build_model(name: str, seed: int, shape: InputShape = (1, 28, 28), num_class
         factory = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return factory(shape, num_classes)
-    finally:
-        torch.random.set_rng_state(generator_state)
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Hash of parameter names and shapes: server and worker must agree on it."""
-    description = ";".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
-    return hashlib.sha256(description.encode()).hexdigest()[:16]
+    return seeded(seed, lambda: factory(shape, num_classes))

@@ -1,6 +1,6 @@
 """Image classification data sets as in-memory tensors.
 
-`mnist-embedded` ships inside the package (common/embedded/, a real subset of
+`mnist-embedded` ships inside the package (tasks/embedded/, a real subset of
 the official MNIST files) so the first run needs neither network nor a data
 folder. The others are read from the official files in a data folder, which
 may be read-only: nothing is ever written there unless a download is asked for.
@@ -320,7 +320,7 @@ def _missing_files(folder: Path, info: DatasetInfo, split: str) -> list[str]:
 
 def _folder_of(name: str, info: DatasetInfo, data_dir: Path | None) -> Path:
     if name == EMBEDDED:
-        return Path(str(resources.files("lbgm.common.embedded")))
+        return Path(str(resources.files("lbgm.tasks.embedded")))
     if data_dir is None:
         raise DatasetError(f"data set {name!r} needs --data-dir (a folder holding {info.folder}/)")
     return Path(data_dir) / info.folder

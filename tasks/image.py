@@ -1,0 +1,99 @@
+"""The built-in job: image classification with a zoo model on a partitioned image data set,
+written with the task API like any user's task. The experiment settings dataset, model,
+partition, classes_per_worker, dirichlet_alpha and eval_batch_size are its parameters; local
+training is the library's default (tau SGD steps with cross-entropy)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lbgm.task import Evaluation, Examples, Shard, Task, TaskOptions
+from lbgm.tasks.datasets import DATASETS, INFO, ImageDataset, load_dataset
+from lbgm.tasks.models import MODELS
+from lbgm.tasks.partition import PARTITIONS, class_summary, format_class_summary, partition
+
+log = logging.getLogger(__name__)
+_loading = threading.Lock()  # virtual workers starting together load the data once
+
+
+@functools.lru_cache(maxsize=4)
+def _training_set(name: str, data_dir: Path | None) -> ImageDataset:
+    return load_dataset(name, "train", data_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _shards(name: str, data_dir: Path | None, count: int, scheme: str, seed: int, k: int,
+            alpha: float) -> tuple[torch.Tensor, ...]:
+    labels = _training_set(name, data_dir).labels
+    return tuple(partition(labels, count, scheme, seed, classes_per_worker=k, alpha=alpha))
+
+
+@torch.inference_mode()
+def accuracy_and_loss(model: nn.Module, data: Examples, batch_size: int) -> Evaluation:
+    """Accuracy and mean cross-entropy over the whole data set."""
+    model.eval()
+    correct = 0
+    loss_sum = 0.0
+    for start in range(0, len(data), batch_size):
+        inputs = data.inputs[start:start + batch_size]
+        labels = data.targets[start:start + batch_size]
+        logits = model(inputs)
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == labels).sum())
+    return Evaluation(loss=loss_sum / len(data), accuracy=correct / len(data))
+
+
+def check_options(options: TaskOptions) -> None:
+    checks = [
+        (options.dataset in DATASETS, f"dataset must be one of {list(DATASETS)}, got {options.dataset!r}"),
+        (options.model in MODELS, f"model must be one of {sorted(MODELS)}, got {options.model!r}"),
+        (options.partition in PARTITIONS, f"partition must be one of {list(PARTITIONS)}, got {options.partition!r}"),
+    ]
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def classification(options: TaskOptions) -> Task:
+    """Zoo model `options.model` trained on `options.dataset`, split among workers by `options.partition`."""
+    check_options(options)
+    info = INFO[options.dataset]
+    factory = MODELS[options.model]
+
+    def train_data(shard: Shard) -> Examples:
+        if shard.index >= shard.count:
+            raise ValueError(f"shard {shard.index} does not exist; the experiment has {shard.count}")
+        with _loading:
+            dataset = _training_set(options.dataset, shard.data_dir)
+            shards = _shards(options.dataset, shard.data_dir, shard.count, options.partition, shard.seed,
+                             options.classes_per_worker, options.dirichlet_alpha)
+        indices = shards[shard.index]
+        log.debug("shard %d: %d samples, per class %s", shard.index, len(indices),
+                  class_summary(dataset.labels, [indices], dataset.num_classes)[0])
+        return Examples(dataset.images[indices], dataset.labels[indices])
+
+    def test_data(data_dir: Path | None) -> Examples:
+        dataset = load_dataset(options.dataset, "test", data_dir)
+        return Examples(dataset.images, dataset.labels)
+
+    def describe_shards(shards: Sequence[Examples]) -> str:
+        """Every worker's classes (as partition.txt always showed them)."""
+        ends = torch.tensor([len(shard) for shard in shards]).cumsum(0).tolist()
+        ranges = [torch.arange(end - len(shard), end) for shard, end in zip(shards, ends)]
+        return format_class_summary(torch.cat([shard.targets for shard in shards]), ranges, info.num_classes)
+
+    return Task(
+        model=lambda: factory(info.shape, info.num_classes),
+        train_data=train_data,
+        test_data=test_data,
+        evaluate=lambda model, data: accuracy_and_loss(model, data, options.eval_batch_size),
+        describe_shards=describe_shards,
+    )
