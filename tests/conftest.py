@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from lbgm.common.codec import tensor_to_bytes
 from lbgm.common.config import ExperimentConfig, config_to_toml
+from lbgm.common.state_files import lbgs_from_state, load
 
 # Small, fast settings: the MLP with the reference preset (one full-shard batch per round).
 FAST = dict(model="mlp", local_steps=1, batch_size=0, local_lr=0.5, round_timeout=60.0)
@@ -75,3 +77,16 @@ def processes():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def assert_mirrors_equal_worker_lbgs(run_dir: Path, state_dir: Path, names: Sequence[str], units: int) -> None:
+    """The server's final mirrors (run_dir/mirrors.pt) equal every worker's --state-dir LBGs bit for bit."""
+    mirrors = load(run_dir / "mirrors.pt")
+    assert sorted(mirrors) == sorted(names)
+    for name, server_state in mirrors.items():
+        worker_lbgs = lbgs_from_state(load(state_dir / f"{name}.lbg.pt"))
+        server_lbgs = lbgs_from_state(server_state)
+        assert sorted(worker_lbgs) == sorted(server_lbgs) == list(range(units))
+        for unit, lbg in worker_lbgs.items():
+            assert server_lbgs[unit].version == lbg.version
+            assert [tensor_to_bytes(t) for t in server_lbgs[unit].tensors] == [tensor_to_bytes(t) for t in lbg.tensors]

@@ -8,12 +8,11 @@ import json
 import pytest
 import torch
 
-from lbgm.common.codec import tensor_to_bytes
 from lbgm.common.config import ExperimentConfig
-from lbgm.common.state_files import lbgs_from_state, load
+from lbgm.common.state_files import load
 from lbgm.sim.federation import simulate
 
-from conftest import FAST, start_server, start_worker
+from conftest import assert_mirrors_equal_worker_lbgs, FAST, start_server, start_worker
 
 CONFIG = ExperimentConfig(name="integration", workers=4, rounds=8, delta=0.5, **FAST)
 
@@ -70,15 +69,7 @@ def test_byte_counts_add_up_per_kind_and_per_worker(finished_run):
 
 def test_server_mirrors_equal_worker_lbgs_bit_for_bit(finished_run):
     server, _, state_dir = finished_run
-    mirrors = load(server.run_dir / "mirrors.pt")
-    assert sorted(mirrors) == ["host0-0", "host0-1", "host1-0", "host1-1"]
-    for name, server_state in mirrors.items():
-        worker_lbgs = lbgs_from_state(load(state_dir / f"{name}.lbg.pt"))
-        server_lbgs = lbgs_from_state(server_state)
-        assert sorted(worker_lbgs) == sorted(server_lbgs) == list(range(4))
-        for unit, lbg in worker_lbgs.items():
-            assert server_lbgs[unit].version == lbg.version
-            assert [tensor_to_bytes(t) for t in server_lbgs[unit].tensors] == [tensor_to_bytes(t) for t in lbg.tensors]
+    assert_mirrors_equal_worker_lbgs(server.run_dir, state_dir, ["host0-0", "host0-1", "host1-0", "host1-1"], 4)
 
 
 def test_distributed_model_matches_in_process_simulation(finished_run):

@@ -11,14 +11,12 @@ import pytest
 import torch
 
 from lbgm.cli.main import main
-from lbgm.common.codec import tensor_to_bytes
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.model_spec import describe_model, model_differences
-from lbgm.common.state_files import lbgs_from_state, load
 from lbgm.task import LocalResult, Task
 from lbgm.worker.trainer import LocalTrainer, update_of
 
-from conftest import start_server, start_worker
+from conftest import assert_mirrors_equal_worker_lbgs, start_server, start_worker
 
 # A task as a user writes it: its own model, synthetic data, its own loss and an Adam loop.
 OWN_TASK = '''
@@ -97,15 +95,7 @@ def test_own_task_from_a_file_federates_with_scalar_updates_and_identical_mirror
     assert all(r["participants"] == [1, 2, 3, 4] for r in records)
     assert sum(r["scalar_units"] for r in records) > 0
     assert records[-1]["test_accuracy"] > records[0]["test_accuracy"]
-    mirrors = load(server.run_dir / "mirrors.pt")
-    assert sorted(mirrors) == ["host0-0", "host0-1", "host1-0", "host1-1"]
-    for name, server_state in mirrors.items():
-        worker_lbgs = lbgs_from_state(load(state_dir / f"{name}.lbg.pt"))
-        server_lbgs = lbgs_from_state(server_state)
-        assert sorted(worker_lbgs) == sorted(server_lbgs) == list(range(4))
-        for unit, lbg in worker_lbgs.items():
-            assert server_lbgs[unit].version == lbg.version
-            assert [tensor_to_bytes(t) for t in server_lbgs[unit].tensors] == [tensor_to_bytes(t) for t in lbg.tensors]
+    assert_mirrors_equal_worker_lbgs(server.run_dir, state_dir, ["host0-0", "host0-1", "host1-0", "host1-1"], 4)
     # partition.txt without describe_shards: each shard's sample count
     assert (server.run_dir / "partition.txt").read_text().splitlines()[0] == "worker 0: 96 samples"
 
