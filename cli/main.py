@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from lbgm.cli import analyze, certs, fetch, health, netlab, report, sweep
+from lbgm.cli import analyze, certs, fetch, health, lab, report, sweep
 from lbgm.cli.credentials import add_secret_arguments, read_secret
 from lbgm.cli.options import EnvParser, UsageError, add_log_level, configure_logging, worker_names
 from lbgm.cli.transport import (add_client_tls_arguments, add_server_tls_arguments, client_tls, server_tls,
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_parser(commands)
     certs.add_parser(commands)
     health.add_parser(commands)
-    netlab.add_parser(commands)
+    lab.add_parser(commands)
     fetch.add_parser(commands)
     return parser
 

@@ -113,6 +113,15 @@ def test_image_installs_exactly_the_pyproject_dependencies_with_the_same_torch_p
     assert "download.pytorch.org/whl/cpu" in instruction("ARG")
 
 
+def test_image_copies_every_package_folder_of_pyproject():
+    """`pip install .` in the image needs every folder pyproject.toml maps a package to (lbgm imports them all)."""
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    copied = [Path(arguments.split()[0]) for keyword, arguments in dockerfile() if keyword == "COPY"]
+    missing = [folder for folder in sorted(folders)
+               if not any(Path(folder).is_relative_to(source) for source in copied)]
+    assert missing == []
+
+
 def test_dependency_layer_depends_only_on_pyproject():
     steps = dockerfile()
     copies = [arguments.split() for keyword, arguments in steps if keyword == "COPY"]

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, lbgm
-from lbgm.cli import netns
 from lbgm.cli.main import main
-from lbgm.cli.netlab import time_to_target
+from lbgm.lab import netns
+from lbgm.lab.experiment import time_to_target
 
 MODEL_BYTES = (784 * 200 + 200 + 200 * 10 + 10) * 4  # the MLP as float32: one full upload carries at least this
 UPLINK_BITS = 10_000_000
