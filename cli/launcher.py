@@ -15,8 +15,8 @@ import math
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,19 +102,61 @@ def run_federation(config: ExperimentConfig, out_dir: Path, processes: int, log_
                    log_format: str, resume: bool = False, server_args: Sequence[str] = ()) -> int:
     """`lbgm run`: the server and `processes` worker processes on this host; `resume` continues from the
     run folder's checkpoint; `server_args` are further `lbgm server` flags."""
-    processes = processes or min(config.workers, MAX_DEFAULT_PROCESSES)
-    if not 1 <= processes <= config.workers:
-        raise UsageError(f"--processes must lie in [1, workers={config.workers}], got {processes}")
-    groups = worker_groups(config.workers, processes)
-    placement = Placement(tuple(WorkerProcess(f"proc{index}", count) for index, count in enumerate(groups)),
-                          server_args=(*server_args, *(("--resume",) if resume else ())))
+    placement = local_placement(config.workers, processes, (*server_args, *(("--resume",) if resume else ())))
     return launch(config, out_dir, placement, log_level, "lbgm run", log_format)
 
 
-def launch(config: ExperimentConfig, out_dir: Path, placement: Placement, log_level: str, label: str,
-           log_format: str = "text") -> int:
-    """Runs the federation to its end and prints its summary: 0, 1 (a process failed) or 130 (interrupted).
-    A task that does not load or build its model stops it with a TaskError before anything is written."""
+def local_placement(workers: int, processes: int, server_args: Sequence[str] = ()) -> Placement:
+    """Every process on 127.0.0.1: the `workers` spread over `processes` worker processes (0: one per
+    worker, at most MAX_DEFAULT_PROCESSES)."""
+    processes = processes or min(workers, MAX_DEFAULT_PROCESSES)
+    if not 1 <= processes <= workers:
+        raise UsageError(f"--processes must lie in [1, workers={workers}], got {processes}")
+    groups = worker_groups(workers, processes)
+    return Placement(tuple(WorkerProcess(f"proc{index}", count) for index, count in enumerate(groups)),
+                     server_args=tuple(server_args))
+
+
+@dataclass
+class Federation:
+    """A started federation: the server and worker processes, the address they talk on, the run folder."""
+
+    server: subprocess.Popen
+    workers: list[subprocess.Popen]
+    target: str
+    run_dir: Path
+
+    @property
+    def processes(self) -> list[subprocess.Popen]:
+        return [self.server, *self.workers]
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    def wait(self, poll: Callable[[], None] = lambda: None) -> None:
+        """Until the server exits, calling poll() every half second; raises LaunchError as soon as every
+        worker process failed (the server would wait for them until its round timeout)."""
+        while self.server.poll() is None:
+            poll()
+            if self.workers and all(worker.poll() not in (None, 0) for worker in self.workers):
+                raise LaunchError("every worker process failed; see the logs in the run folder")
+            time.sleep(0.5)
+
+
+def log_tails(logs: Path, lines: int = 15) -> str:
+    """The last lines of every process's log in `logs`, each under its file name: what a failure shows."""
+    return "\n".join(f"--- {path.name} (last {lines} lines)\n{_tail(path, lines)}"
+                     for path in sorted(logs.glob("*.log")))
+
+
+@contextmanager
+def federation_processes(config: ExperimentConfig, out_dir: Path, placement: Placement, log_level: str = "INFO",
+                         log_format: str = "text") -> Iterator[Federation]:
+    """Checks the task, writes <out_dir>/<name>/config.toml and starts the server and the workers, which
+    log to <run>/logs/. On leaving, every process has exited: the workers get 15 s to finish by themselves
+    after a normal exit, none after an exception; then what still runs is terminated, and killed after 10 s.
+    A task that does not load or build its model raises a TaskError before anything is written."""
     check_task(config.task, config.task_options, config.seed)
     run_dir = out_dir / config.name
     logs = run_dir / "logs"
@@ -129,8 +171,7 @@ def launch(config: ExperimentConfig, out_dir: Path, placement: Placement, log_le
     child_env = environ_without_options()  # children get every setting as a flag; no LBGM_* may change one
     # ...but a secret, which a flag would show to every local user: only this federation's workers may join.
     child_env[secret_variable("join-token")] = new_secret()
-    interrupted = False
-    started = time.monotonic()
+    grace_seconds = 0.0
     try:
         server_log = logs / "server.log"
         server = subprocess.Popen(
@@ -150,50 +191,59 @@ def launch(config: ExperimentConfig, out_dir: Path, placement: Placement, log_le
                                 "--log-level", log_level, "--log-format", log_format,
                                 "--data-dir", config.data_dir, "--task", config.task)],
                 stdout=open(logs / f"worker-{index}.log", "w"), stderr=subprocess.STDOUT, env=child_env))
-        print(f"{label}: server on {target}, {config.workers} workers in {len(placement.workers)} processes; "
-              f"logs in {logs}", file=sys.stderr)
-        print(_partition_overview(run_dir / "partition.txt"), file=sys.stderr)
-        with placement.status_route(target) as reachable:
-            _follow(server, children[1:], reachable, config)
+        yield Federation(server, children[1:], target, run_dir)
+        grace_seconds = 15.0
+    finally:
+        _stop_all(children, grace_seconds)
+
+
+def launch(config: ExperimentConfig, out_dir: Path, placement: Placement, log_level: str, label: str,
+           log_format: str = "text") -> int:
+    """Runs the federation to its end and prints its summary: 0, 1 (a process failed) or 130 (interrupted).
+    A task that does not load or build its model stops it with a TaskError before anything is written."""
+    started = time.monotonic()
+    try:
+        with federation_processes(config, out_dir, placement, log_level, log_format) as federation:
+            print(f"{label}: server on {federation.target}, {config.workers} workers in {len(placement.workers)} "
+                  f"processes; logs in {federation.logs}", file=sys.stderr)
+            print(_partition_overview(federation.run_dir / "partition.txt"), file=sys.stderr)
+            with placement.status_route(federation.target) as reachable:
+                _follow(federation, reachable, config)
     except KeyboardInterrupt:
-        interrupted = True
         print(f"{label}: interrupted; stopping all processes", file=sys.stderr)
         return 130
-    finally:
-        _stop_all(children, grace_seconds=0.0 if interrupted else 15.0)
-    if server.returncode != 0:
-        print(f"{label}: server failed with status {server.returncode}:\n{_tail(server_log)}", file=sys.stderr)
+    if federation.server.returncode != 0:
+        print(f"{label}: server failed with status {federation.server.returncode}:\n"
+              f"{_tail(federation.logs / 'server.log')}", file=sys.stderr)
         return 1
-    summary = json.loads((run_dir / "summary.json").read_text())
-    print(format_summary(summary, run_dir, time.monotonic() - started))
+    summary = json.loads((federation.run_dir / "summary.json").read_text())
+    print(format_summary(summary, federation.run_dir, time.monotonic() - started))
     return 0
 
 
-def _follow(server: subprocess.Popen, workers: list[subprocess.Popen], target: str,
-            config: ExperimentConfig) -> None:
-    """Progress bar until the server exits; fails fast if every worker died."""
+def _follow(federation: Federation, target: str, config: ExperimentConfig) -> None:
+    """Progress bar, fed by the server's GetStatus, until the server exits."""
     with (grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel,
           tqdm(total=config.rounds, desc="rounds", unit="round", dynamic_ncols=True) as bar):
         stub = pb_grpc.AggregatorStub(channel)
-        while server.poll() is None:
+
+        def show_status() -> None:
             try:
                 status = stub.GetStatus(pb.StatusRequest(), timeout=2.0)
             except grpc.RpcError:
-                status = None
-            if status is not None:
-                bar.n = status.completed_rounds
-                accuracy = "-" if math.isnan(status.test_accuracy) else f"{status.test_accuracy:.4f}"
-                bar.set_postfix_str(f"acc {accuracy}, workers {status.workers_joined}, "
-                                    f"up {status.uplink_bytes / 1e6:.1f} MB")
-            if workers and all(worker.poll() not in (None, 0) for worker in workers):
-                raise LaunchError("every worker process failed; see the logs in the run folder")
-            time.sleep(0.5)
-        if server.returncode == 0:
+                return
+            bar.n = status.completed_rounds
+            accuracy = "-" if math.isnan(status.test_accuracy) else f"{status.test_accuracy:.4f}"
+            bar.set_postfix_str(f"acc {accuracy}, workers {status.workers_joined}, "
+                                f"up {status.uplink_bytes / 1e6:.1f} MB")
+
+        federation.wait(show_status)
+        if federation.server.returncode == 0:
             bar.n = bar.total
             bar.refresh()
 
 
-def _stop_all(children: list[subprocess.Popen], grace_seconds: float = 15.0) -> None:
+def _stop_all(children: list[subprocess.Popen], grace_seconds: float) -> None:
     deadline = time.monotonic() + grace_seconds
     for child in children[1:]:  # workers exit by themselves once told training finished
         try:
