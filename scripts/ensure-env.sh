@@ -17,5 +17,5 @@ fi
 echo "setting up $venv (torch 2.14.1 + grpc; takes a minute or two the first time)..." >&2
 [[ -d "$venv" ]] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -e "$root[test]"
+"$venv/bin/python" -m pip install --quiet -e "$root[test,examples]"
 echo "$want" > "$stamp"
