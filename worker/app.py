@@ -12,7 +12,7 @@ import grpc
 
 from lbgm.common.tls import ChannelTls
 from lbgm.task.loader import BUILTIN_TASK
-from lbgm.worker.client import RetryPolicy, VirtualWorker, WorkerStopped
+from lbgm.worker.client import RetryPolicy, VirtualWorker, WorkerStopped, task_job
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
     training_slots = threading.BoundedSemaphore(parallel_training)
-    workers = [VirtualWorker(name, target, data_dir, poll_seconds, retry, stop, state_dir,
-                             tls[name] if tls is not None else None, training_slots, join_token, task)
+    job = task_job(task, data_dir)
+    workers = [VirtualWorker(name, target, job, poll_seconds, retry, stop, state_dir,
+                             tls[name] if tls is not None else None, training_slots, join_token)
                for name in names]
     threads = [threading.Thread(target=run_one, args=(w,), name=w.name) for w in workers]
     for thread in threads:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import torch
@@ -91,28 +91,60 @@ def task_options(spec: pb.ExperimentSpec) -> TaskOptions:
                        eval_batch_size=spec.eval_batch_size)
 
 
-def check_model(spec: pb.ExperimentSpec, model: torch.nn.Module, task: str) -> None:
-    """Raise ModelMismatch naming every difference between the server's model and this one."""
+def check_model(spec: pb.ExperimentSpec, model: torch.nn.Module, what: str) -> None:
+    """Raise ModelMismatch naming every difference between the server's model and `model` (`what`)."""
     expected = [TensorSpec(t.name, tuple(t.shape), t.dtype, t.buffer) for t in spec.model_tensors]
     differences = model_differences(expected, describe_model(model))
     if differences:
-        raise ModelMismatch(f"the model of task {task!r} differs from the server's (task {spec.task!r}): "
-                            f"{'; '.join(differences)}")
+        raise ModelMismatch(f"{what} differs from the server's (task {spec.task!r}): {'; '.join(differences)}")
+
+
+class LocalJob(Protocol):
+    """What a virtual worker trains each round: a task's training (LocalTrainer) or a user's own
+    script (lbgm.client). The protocol below moves its updates; the job only trains."""
+
+    model: torch.nn.Module  # its parameter order is the LBGM layer order
+
+    @property
+    def num_samples(self) -> int: ...  # the aggregation weight of this worker's updates
+
+    def train(self, global_state: list[torch.Tensor], local_steps: int, batch_size: int, lr: float,
+              round_number: int) -> tuple[list[torch.Tensor], float]: ...  # (update g per parameter, loss)
+
+    def buffers(self) -> list[torch.Tensor]: ...  # after train(): the buffers to send (e.g. BatchNorm statistics)
+
+    def position(self) -> Any: ...  # what restore() needs to redo a round on the same minibatches
+
+    def restore(self, position: Any) -> None: ...
+
+
+JobFactory = Callable[[pb.ExperimentSpec, int], LocalJob]  # (the server's experiment, shard index) -> the job
+
+
+def task_job(task: str = BUILTIN_TASK, data_dir: str = "") -> JobFactory:
+    """Jobs that run the task `task` (a reference, lbgm.task.loader) on the worker's shard of the data
+    under `data_dir`, with the options the server's task was given."""
+    def make(spec: pb.ExperimentSpec, shard_index: int) -> LocalTrainer:
+        loaded = load_task(task, task_options(spec))
+        model = build_model(loaded, spec.seed, task)
+        check_model(spec, model, f"the model of task {task!r}")
+        shard = Shard(shard_index, spec.num_shards, spec.seed, Path(data_dir) if data_dir else None)
+        data = call_task(task, "train_data", loaded.train_data, shard)
+        return LocalTrainer(loaded, model, data, seed=local_seed(spec.seed, shard_index))
+    return make
 
 
 class VirtualWorker:
-    def __init__(self, name: str, target: str, data_dir: str = "", poll_seconds: float = 20.0,
+    def __init__(self, name: str, target: str, job: JobFactory | None = None, poll_seconds: float = 20.0,
                  retry: RetryPolicy = RetryPolicy(), stop: threading.Event | None = None,
                  state_dir: Path | None = None, tls: ChannelTls | None = None,
-                 training_slots: threading.Semaphore | None = None, join_token: bytes | None = None,
-                 task: str = BUILTIN_TASK) -> None:
+                 training_slots: threading.Semaphore | None = None, join_token: bytes | None = None) -> None:
         self.name = name
         self.target = target
-        self.task = task  # the reference of the task this worker runs; the server's must build the same model
+        self.make_job = job or task_job()  # built at the first join, from the server's experiment
         self.tls = tls  # with mutual TLS, a client certificate whose Common Name is `name`
         self.join_metadata = ((JOIN_TOKEN_KEY, join_token),) if join_token is not None else None
         self.training_slots = training_slots or threading.Semaphore(1)  # shared by a process's virtual workers
-        self.data_dir = data_dir
         self.poll_seconds = poll_seconds
         self.retry = retry
         self.stop = stop or threading.Event()
@@ -122,7 +154,7 @@ class VirtualWorker:
         self.worker_id = 0
         self.token = b""
         self.encoder: LbgmEncoder | None = None
-        self.trainer: LocalTrainer | None = None
+        self.trainer: LocalJob | None = None
         self.history = StateHistory()
         self._in_doubt: tuple[int, EncodedRound] | None = None  # the last upload not known to be accepted
         self._random = random.Random(name)
@@ -159,14 +191,9 @@ class VirtualWorker:
         self.worker_id, self.token = reply.worker_id, reply.token
         spec = reply.experiment
         if self.trainer is None:
-            task = load_task(self.task, task_options(spec))
-            model = build_model(task, spec.seed, self.task)
-            check_model(spec, model, self.task)
-            shard = Shard(reply.shard_index, spec.num_shards, spec.seed, Path(self.data_dir) if self.data_dir else None)
-            data = call_task(self.task, "train_data", task.train_data, shard)
-            seed = local_seed(spec.seed, reply.shard_index)
-            self.trainer = LocalTrainer(task, model, data, seed=seed)
-            self.encoder = LbgmEncoder(decision_units(len(list(model.parameters())), spec.granularity), seed=seed)
+            self.trainer = self.make_job(spec, reply.shard_index)
+            self.encoder = LbgmEncoder(decision_units(len(list(self.trainer.model.parameters())), spec.granularity),
+                                       seed=local_seed(spec.seed, reply.shard_index))
             if self.state_path is not None and self.state_path.exists():
                 self.encoder.lbgs = lbgs_from_state(load_state(self.state_path))
         returned = self._return_to(reply.last_accepted_round)
@@ -235,7 +262,8 @@ class VirtualWorker:
                     self.run_round(submit, result)
         return self.stats
 
-    def run_round(self, submit: grpc.StreamUnaryMultiCallable, received: ReceivedTask) -> None:
+    def run_round(self, submit: grpc.StreamUnaryMultiCallable, received: ReceivedTask) -> bool:
+        """Train on the round's global model and upload the update; True if the server accepted it."""
         task = received.task
         settings = task.settings
         self.history.forget_before(task.checkpointed_round)
@@ -268,13 +296,13 @@ class VirtualWorker:
                 if reason == pb.ErrorDetail.DUPLICATE:
                     # An earlier attempt of this very upload got through (its acknowledgement was lost).
                     self._accepted(encoded, task.round)
-                    return
+                    return True
                 self.stats.refused_rounds += 1
                 log.warning("%s: round %d upload refused (%s): %s", self.name, task.round, error.code().name,
                             error.details())
-                return
+                return False
             self._accepted(encoded, task.round)
-            return
+            return True
 
     def _accepted(self, encoded: EncodedRound, round_number: int) -> None:
         self._in_doubt = None
