@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from lbgm.cli.launcher import run_federation
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.state_files import load
+from lbgm.launch.federation import run_federation
 from lbgm.sim.federation import simulate
 
 from bench.common import markdown_table, run_info, run_main, write_json

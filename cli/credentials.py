@@ -7,17 +7,12 @@ user in the process list, so the variable or the file is the better place."""
 from __future__ import annotations
 
 import argparse
-import secrets
 from pathlib import Path
 
-from lbgm.cli.options import ENV_PREFIX, UsageError
+from lbgm.cli.options import UsageError
+from lbgm.launch.environment import secret_variable
 
 MIN_SECRET_CHARACTERS = 16  # a guessable secret protects nothing
-
-
-def secret_variable(name: str) -> str:
-    """The environment variable that stands in for --NAME (in commands that read the environment)."""
-    return ENV_PREFIX + name.replace("-", "_").upper()
 
 
 def add_secret_arguments(group: argparse._ArgumentGroup, name: str, what: str) -> None:
@@ -47,8 +42,3 @@ def read_secret(args: argparse.Namespace, name: str) -> bytes | None:
         source = f"--{name}-file {path}" if path is not None else f"--{name}"
         raise UsageError(f"{source}: the token must be at least {MIN_SECRET_CHARACTERS} characters, got {len(text)}")
     return text.encode()
-
-
-def new_secret() -> str:
-    """A fresh random token, for a federation that hands it to its own processes."""
-    return secrets.token_urlsafe(24)

@@ -30,6 +30,9 @@ from lbgm.cli.options import EnvParser, UsageError, add_log_level, configure_log
 from lbgm.cli.transport import (add_client_tls_arguments, add_server_tls_arguments, client_tls, server_tls,
                                 worker_tls)
 from lbgm.common.config import ConfigError, add_config_arguments, config_from_args
+from lbgm.launch.federation import PlacementError, run_federation
+from lbgm.report.runs import ReportError
+from lbgm.sweep.grid import SweepError
 from lbgm.tasks.datasets import DatasetError
 from lbgm.task.loader import BUILTIN_TASK, TaskError, check_reference
 from lbgm.common.grpc_options import OPERATOR_TOKEN_KEY
@@ -237,8 +240,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lbgm.cli.launcher import run_federation
-
     config = config_from_args(args)
     return run_federation(config, args.out_dir, args.processes, args.log_level, args.log_format)
 
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(args.log_level, args.log_format)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, TaskError, DatasetError, OSError) as error:
+    except (UsageError, ConfigError, TaskError, DatasetError, PlacementError, ReportError, SweepError,
+            OSError) as error:
         print(f"lbgm {args.command}: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # a failed child process or server: no traceback, its log says more

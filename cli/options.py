@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lbgm.cli.logs import LOG_FORMATS, formatter
+from lbgm.launch.environment import ENV_PREFIX
 
 
 class UsageError(Exception):
@@ -38,7 +39,6 @@ def worker_names(prefix: str, count: int) -> list[str]:
     return [prefix] if count == 1 else [f"{prefix}-{index}" for index in range(count)]
 
 
-ENV_PREFIX = "LBGM_"
 TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
 ENV_HELP = (f"Every option can also be set as an environment variable {ENV_PREFIX}<OPTION>: --rounds as "
@@ -122,8 +122,3 @@ class EnvParser(argparse.ArgumentParser):
             except ValueError as error:
                 self.exit(2, f"{self.prog}: error: {name}={text!r} (for {action.option_strings[0]}): {error}\n")
         return values
-
-
-def environ_without_options() -> dict[str, str]:
-    """This process's environment minus LBGM_* variables: for children that get every option as a flag."""
-    return {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}

@@ -3,7 +3,7 @@
 The lab is one network namespace per host (the server and the worker hosts, each
 worker host one process of its virtual workers), joined through a bridge in a switch
 namespace (lab/netns.py); each worker host's uplink is capped with tbf. The federation
-is `lbgm run`'s (launcher.launch) with every process started inside its host's
+is `lbgm run`'s (lbgm.launch.federation.launch) with every process started inside its host's
 namespace. The run folder gets lab.json next to metrics.jsonl and summary.json: the
 links' kernel byte counters, the caps, the wall time and the time to the target
 accuracy. Every namespace is deleted afterwards, also on failure, Ctrl-C or SIGTERM,
@@ -23,11 +23,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lbgm.cli.launcher import Placement, WorkerProcess, launch, worker_groups
-from lbgm.cli.options import UsageError
-from lbgm.cli.report import read_records, rounds_to_target
 from lbgm.common.config import ExperimentConfig
 from lbgm.lab import netns
+from lbgm.launch.federation import Placement, WorkerProcess, launch, worker_groups
+from lbgm.report.comparison import rounds_to_target
+from lbgm.report.runs import ReportError, read_records
 
 
 def time_to_target(records: Sequence[dict[str, Any]], target: float) -> dict[str, Any] | None:
@@ -59,7 +59,7 @@ def lab_record(layout: netns.Layout, groups: Sequence[int], uplink: int | None, 
     """What lab.json holds; read before the namespaces (and their counters) are deleted."""
     try:
         records = read_records(run_dir / "metrics.jsonl")
-    except (OSError, UsageError):  # interrupted before the first round closed
+    except (OSError, ReportError):  # interrupted before the first round closed
         records = ()
 
     def host(name: str, entry: netns.Host, **extra: Any) -> dict[str, Any]:

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lbgm.cli.launcher import LaunchError, Placement, federation_processes, local_placement, log_tails
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.state_files import load
+from lbgm.launch.federation import LaunchError, Placement, federation_processes, local_placement, log_tails
 from lbgm.server.evaluation import load_state
 from lbgm.task.loader import build_model, load_task
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lbgm.cli.analyze import OUTPUT_FILES, add_parser
+from lbgm.cli.analyze import add_parser
 from lbgm.cli.main import UsageError
+from lbgm.report.gradient_space import OUTPUT_FILES
 from lbgm.tasks.models import build_model
 from lbgm.sim.gradient_space import (
     components_for_fraction, counts_per_epoch, gram_matrix, record_epoch_gradients, squared_singular_values,

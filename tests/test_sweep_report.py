@@ -11,7 +11,10 @@ import pytest
 
 from lbgm.cli import report, sweep
 from lbgm.cli.main import UsageError
-from lbgm.cli.report import Run, Savings, TargetHit, build_rows, format_table, rounds_to_target, savings
+from lbgm.report.comparison import Savings, TargetHit, build_rows, format_table, rounds_to_target, savings
+from lbgm.report.runs import ReportError, Run, archive_runs, load_runs
+from lbgm.sweep.grid import SweepError, grid_configs, read_sweep_table, run_name
+from lbgm.sweep.runner import is_complete
 from lbgm.common.config import ExperimentConfig, config_to_toml
 
 from conftest import FAST
@@ -136,71 +139,71 @@ def test_a_key_given_twice_on_the_command_line_is_refused():
 
 def test_run_names_are_stable_and_safe_as_folder_names():
     base = ExperimentConfig(name="exp")
-    configs = sweep.grid_configs(base, {"delta": [0, 0.5], "seed": [1]})
+    configs = grid_configs(base, {"delta": [0, 0.5], "seed": [1]})
     assert [config.name for config in configs] == ["exp-delta0-seed1", "exp-delta0.5-seed1"]
-    assert sweep.run_name("exp", {"data_dir": "a/b c"}) == "exp-data_dira_b_c"
+    assert run_name("exp", {"data_dir": "a/b c"}) == "exp-data_dira_b_c"
 
 
 def test_grid_points_out_of_range_are_refused_before_any_run():
-    with pytest.raises(UsageError, match=r"delta must lie in \[0, 1\], got 1.5"):
-        sweep.grid_configs(ExperimentConfig(), {"delta": [0.2, 1.5]})
+    with pytest.raises(SweepError, match=r"delta must lie in \[0, 1\], got 1.5"):
+        grid_configs(ExperimentConfig(), {"delta": [0.2, 1.5]})
 
 
 def test_sweep_table_of_the_base_file_is_read_and_checked(tmp_path):
     good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
     good.write_text("[experiment]\nrounds = 3\n\n[sweep]\ndelta = [0.0, 0.2]\nseed = [0, 1]\n")
     bad.write_text("[experiment]\nrounds = 3\n\n[sweep]\ndelta = 0.2\n")
-    assert sweep.read_sweep_table(good) == {"delta": [0.0, 0.2], "seed": [0, 1]}
-    with pytest.raises(UsageError, match="delta must be a non-empty list"):
-        sweep.read_sweep_table(bad)
+    assert read_sweep_table(good) == {"delta": [0.0, 0.2], "seed": [0, 1]}
+    with pytest.raises(SweepError, match="delta must be a non-empty list"):
+        read_sweep_table(bad)
 
 
 def test_only_a_finished_run_of_the_same_settings_is_skipped():
     config = ExperimentConfig(rounds=3)
     finished = {"rounds_completed": 3, "config": dataclasses.asdict(config)}
-    assert sweep.is_complete(finished, config)
-    assert not sweep.is_complete({**finished, "rounds_completed": 2}, config)
-    assert not sweep.is_complete(finished, ExperimentConfig(rounds=3, seed=1))
-    assert not sweep.is_complete(None, config)
+    assert is_complete(finished, config)
+    assert not is_complete({**finished, "rounds_completed": 2}, config)
+    assert not is_complete(finished, ExperimentConfig(rounds=3, seed=1))
+    assert not is_complete(None, config)
 
 
 # ------------------------------------------------------------------ reading run folders
 
 def test_a_folder_without_runs_is_named_in_the_error(tmp_path):
-    with pytest.raises(UsageError, match=f"{tmp_path} holds no run"):
-        report.load_runs([tmp_path])
+    with pytest.raises(ReportError, match=f"{tmp_path} holds no run"):
+        load_runs([tmp_path])
 
 
 def test_an_empty_metrics_file_is_explained(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     (tmp_path / "config.toml").write_text(config_to_toml(ExperimentConfig()))
-    with pytest.raises(UsageError, match="metrics.jsonl holds no rounds yet"):
-        report.load_runs([tmp_path])
+    with pytest.raises(ReportError, match="metrics.jsonl holds no rounds yet"):
+        load_runs([tmp_path])
 
 
 def test_a_corrupt_archived_metrics_file_is_named_in_the_error(tmp_path):
     (tmp_path / "metrics.jsonl.gz").write_bytes(b"not gzip")
     (tmp_path / "config.toml").write_text(config_to_toml(ExperimentConfig()))
-    with pytest.raises(UsageError, match="cannot read .*metrics.jsonl.gz"):
-        report.load_runs([tmp_path])
+    with pytest.raises(ReportError, match="cannot read .*metrics.jsonl.gz"):
+        load_runs([tmp_path])
 
 
 def test_archiving_refuses_clashing_names_and_the_runs_own_folder_before_writing(tmp_path):
     first, second = (Run("same", tmp_path / side / "same", {}, (record(1, 0.5),)) for side in ("a", "b"))
-    with pytest.raises(UsageError, match="share a folder name: \\['same'\\]"):
-        report.archive_runs([first, second], tmp_path / "archive")
-    with pytest.raises(UsageError, match="overwrite run"):
-        report.archive_runs([first], tmp_path / "a")
+    with pytest.raises(ReportError, match="share a folder name: \\['same'\\]"):
+        archive_runs([first, second], tmp_path / "archive")
+    with pytest.raises(ReportError, match="overwrite run"):
+        archive_runs([first], tmp_path / "a")
     other_run = tmp_path / "runs" / "same"  # an unrelated run folder of the same name keeps its records
     other_run.mkdir(parents=True)
     (other_run / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(UsageError, match="holds a run's metrics.jsonl"):
-        report.archive_runs([first], tmp_path / "runs")
+    with pytest.raises(ReportError, match="holds a run's metrics.jsonl"):
+        archive_runs([first], tmp_path / "runs")
     assert (other_run / "metrics.jsonl").read_text() == "{}\n" and not (other_run / "metrics.jsonl.gz").exists()
     (tmp_path / "files").mkdir()
     (tmp_path / "files" / "same").write_text("a file")
-    with pytest.raises(UsageError, match="is not a folder"):
-        report.archive_runs([first], tmp_path / "files")
+    with pytest.raises(ReportError, match="is not a folder"):
+        archive_runs([first], tmp_path / "files")
     assert not (tmp_path / "archive").exists() and not (tmp_path / "a").exists()
 
 

@@ -1,4 +1,4 @@
-"""`lbgm run`: a whole federation on one machine, as separate OS processes.
+"""A whole federation on one machine, as separate OS processes (`lbgm run`, sweeps, lbgm.testing).
 
 One server process and P worker processes (the N workers spread over them as
 virtual workers) talk real gRPC over 127.0.0.1. Each process logs to
@@ -23,10 +23,9 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from lbgm.cli.credentials import new_secret, secret_variable
-from lbgm.cli.options import UsageError, environ_without_options
 from lbgm.common.config import ExperimentConfig, config_to_toml
 from lbgm.common.grpc_options import CHANNEL_OPTIONS
+from lbgm.launch.environment import environ_without_options, new_secret, secret_variable
 from lbgm.task.loader import check_task
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
@@ -36,6 +35,11 @@ MAX_DEFAULT_PROCESSES = 10
 
 class LaunchError(RuntimeError):
     """A child process failed to start or every worker died."""
+
+
+class PlacementError(ValueError):
+    """Workers and processes that do not fit together: the user's mistake, nothing was started."""
+
 
 STARTUP_TIMEOUT_SECONDS = 120.0
 
@@ -111,7 +115,7 @@ def local_placement(workers: int, processes: int, server_args: Sequence[str] = (
     worker, at most MAX_DEFAULT_PROCESSES)."""
     processes = processes or min(workers, MAX_DEFAULT_PROCESSES)
     if not 1 <= processes <= workers:
-        raise UsageError(f"--processes must lie in [1, workers={workers}], got {processes}")
+        raise PlacementError(f"--processes must lie in [1, workers={workers}], got {processes}")
     groups = worker_groups(workers, processes)
     return Placement(tuple(WorkerProcess(f"proc{index}", count) for index, count in enumerate(groups)),
                      server_args=tuple(server_args))
