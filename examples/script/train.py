@@ -1,10 +1,9 @@
-"""An ordinary PyTorch training script: a small convolutional network on MNIST, its own DataLoader,
-Adam and evaluation. train_federated.py is the same script turned into a federated client.
+"""A small CNN on MNIST with its own model class, DataLoader, Adam, loop and evaluation: train.py
+trains it alone, train_federated.py is the same script plus the lines that make it a federated
+client (README.md beside this file shows the difference).
 
-The data are the MNIST images embedded in lbgm (12,000 training and 2,000 test images of the official
-files), so the script needs no download; with torchvision's MNIST it would read the same.
-
-    python examples/script/train.py --epochs 3
+The data are the MNIST images embedded in lbgm (12,000 training and 2,000 test images of the
+official files), so nothing is downloaded; torchvision's MNIST would serve the same way.
 """
 
 from __future__ import annotations
