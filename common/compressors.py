@@ -8,6 +8,12 @@ the same bytes; that rebuilt tensor g~ = C(g) is what LBGM decides on and
 what becomes the look-back gradient when the layer goes in full ("stacking":
 LBGM runs on what the base compressor produces).
 
+Devices: `compress` computes on the gradient's device (a worker's GPU), then
+moves the payload to the CPU, where it is serialized, and decodes it there:
+the worker's g~ is then the very tensor the server's `decode` makes from the
+same bytes, whatever device produced them. Random draws come from a CPU
+generator, so the stream does not depend on the device either.
+
 State that persists across rounds (the error-feedback memory of top-k/sign/
 QSGD, PowerSGD's warm-started Q) lives in `CompressorMemory`, owned by the
 worker; `compress` only proposes the new state, which the worker commits once
@@ -58,9 +64,9 @@ class CompressorSettings:
 @dataclass(frozen=True)
 class Compressed:
     codec: int
-    parts: tuple[torch.Tensor, ...]  # what travels
-    decoded: torch.Tensor  # decode(codec, parts, shape): what the server will rebuild
-    lowrank_q: torch.Tensor | None = None  # PowerSGD's warm start for next round
+    parts: tuple[torch.Tensor, ...]  # what travels (on the CPU)
+    decoded: torch.Tensor  # decode(codec, parts, shape) on the CPU: what the server will rebuild, bit for bit
+    lowrank_q: torch.Tensor | None = None  # PowerSGD's warm start for next round (on the gradient's device)
 
 
 def topk_count(fraction: float, numel: int) -> int:
@@ -75,7 +81,8 @@ def compress(settings: CompressorSettings, gradient: torch.Tensor, warm_q: torch
     """One layer through the base compressor (no memory applied here).
 
     A DENSE payload (compressor none, or a layer low rank cannot shrink) travels in `dense_dtype`,
-    the run's wire dtype; the other codecs' payloads have the fixed dtypes of pb.Codec's comment."""
+    the run's wire dtype; the other codecs' payloads have the fixed dtypes of pb.Codec's comment.
+    Computed on the gradient's device; the payload and its decoded form are returned on the CPU."""
     shape = tuple(gradient.shape)
     codec = CODEC_OF[settings.name]
     flat = gradient.detach().to(torch.float32).reshape(-1)
@@ -96,6 +103,7 @@ def compress(settings: CompressorSettings, gradient: torch.Tensor, warm_q: torch
     else:
         parts, new_q = _power_iteration(gradient.detach().to(torch.float32).reshape(shape[0], -1),
                                         settings.lowrank_rank, warm_q, generator)
+    parts = tuple(part.to("cpu") for part in parts)  # the CPU's own tensors stay as they are, uncopied
     return Compressed(codec=codec, parts=parts, decoded=decode(codec, parts, shape), lowrank_q=new_q)
 
 
@@ -179,13 +187,13 @@ def _expect(parts: Sequence[torch.Tensor], count: int, what: str) -> None:
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Booleans -> uint8, 8 per byte, most significant bit first."""
-    padded = torch.zeros((bits.numel() + 7) // 8 * 8, dtype=torch.uint8)
+    padded = torch.zeros((bits.numel() + 7) // 8 * 8, dtype=torch.uint8, device=bits.device)
     padded[:bits.numel()] = bits.reshape(-1).to(torch.uint8)
-    return (padded.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+    return (padded.reshape(-1, 8) * _BIT_WEIGHTS.to(bits.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
-    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS).ne(0)
+    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS.to(packed.device)).ne(0)
     return bits.reshape(-1)[:count]
 
 
@@ -196,7 +204,8 @@ def _qsgd(flat: torch.Tensor, levels: int, generator: torch.Generator) -> tuple[
         return torch.zeros(flat.numel(), dtype=torch.int8), torch.zeros(1)
     scaled = flat.abs() / norm * levels
     lower = scaled.floor()
-    rounded = lower + (torch.rand(flat.numel(), generator=generator) < (scaled - lower)).to(torch.float32)
+    uniform = torch.rand(flat.numel(), generator=generator).to(flat.device)
+    rounded = lower + (uniform < (scaled - lower)).to(torch.float32)
     quantized = (torch.sign(flat) * rounded).clamp(-levels, levels).to(torch.int8)
     return quantized, (norm / levels).reshape(1).to(torch.float32)
 
@@ -206,7 +215,7 @@ def _power_iteration(matrix: torch.Tensor, rank: int, warm_q: torch.Tensor | Non
     """PowerSGD (Vogels et al. 2019): one power iteration, Q warm-started from the last round."""
     cols = matrix.shape[1]
     q = warm_q if warm_q is not None and warm_q.shape == (cols, rank) else \
-        torch.randn(cols, rank, generator=generator)
+        torch.randn(cols, rank, generator=generator).to(matrix.device)
     p, _ = torch.linalg.qr(matrix @ q)
     q = matrix.t() @ p
     return (p.contiguous(), q.contiguous()), q.clone()

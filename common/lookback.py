@@ -61,11 +61,14 @@ def to_float32(value: float) -> float:
         return float(np.float32(value))
 
 
+def _float64(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor flat in float64, on its own device; Apple's MPS has no float64, so there on the CPU."""
+    return (tensor.cpu() if tensor.device.type == "mps" else tensor).reshape(-1).double()
+
+
 def _dot(left: Sequence[torch.Tensor], right: Sequence[torch.Tensor]) -> float:
     # float64 accumulation: the decision must not hinge on float32 round-off.
-    return math.fsum(
-        float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double())) for a, b in zip(left, right, strict=True)
-    )
+    return math.fsum(float(torch.dot(_float64(a), _float64(b))) for a, b in zip(left, right, strict=True))
 
 
 def lookback_coefficient(grad: Sequence[torch.Tensor], lbg: Sequence[torch.Tensor]) -> tuple[float, float]:

@@ -50,6 +50,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lbgm.common.devices import move_to
+
 
 @dataclass(frozen=True)
 class TaskOptions:
@@ -111,6 +113,7 @@ class LocalRound:
     round: int
     generator: torch.Generator  # the worker's random stream: draw shuffles and augmentation from it
     next_batch: Callable[[int], torch.Tensor]  # indices of the next minibatch of that size (random epochs)
+    device: torch.device = torch.device("cpu")  # the worker's --device, where `model` lives: move batches to it
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ def sgd_steps(local: LocalRound) -> LocalResult:
     local.model.train()
     loss_sum = 0.0
     for _ in range(local.steps):
-        inputs, targets = local.data.batch(local.next_batch(local.batch_size))
+        inputs, targets = move_to(local.data.batch(local.next_batch(local.batch_size)), local.device)
         for param in params:
             param.grad = None
         loss = local.loss(local.model(inputs), targets)

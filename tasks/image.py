@@ -38,13 +38,14 @@ def _shards(name: str, data_dir: Path | None, count: int, scheme: str, seed: int
 
 @torch.inference_mode()
 def accuracy_and_loss(model: nn.Module, data: Examples, batch_size: int) -> Evaluation:
-    """Accuracy and mean cross-entropy over the whole data set."""
+    """Accuracy and mean cross-entropy over the whole data set, on the model's device."""
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     loss_sum = 0.0
     for start in range(0, len(data), batch_size):
-        inputs = data.inputs[start:start + batch_size]
-        labels = data.targets[start:start + batch_size]
+        inputs = data.inputs[start:start + batch_size].to(device)
+        labels = data.targets[start:start + batch_size].to(device)
         logits = model(inputs)
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=1) == labels).sum())

@@ -7,6 +7,14 @@ rho against the unit's look-back gradient, or the payload in full (g~
 becomes the new LBG on both sides, bit-identical because both decode the same
 bytes). The math lives in lbgm.common.lookback and lbgm.common.compressors.
 
+Devices: the gradient arrives on the worker's device (--device), and the
+compressor, rho and the phase error are computed there, against a device copy
+of the LBG. What the encoder keeps as an LBG is the CPU tensor decoded from
+the payload that travels, by the function the server decodes it with, so the
+mirrors stay bit-identical whatever device a worker computes on. The
+error-feedback memory and PowerSGD's warm starts never travel and stay on the
+device.
+
 Error feedback keeps one memory per layer holding what the server has not
 seen: the compressor's loss x - g~ (if `compressor_memory`) plus LBGM's loss
 g~ - rho * LBG (if `error_feedback`), so each lost piece is carried once.
@@ -31,7 +39,8 @@ from lbgm.v1 import lbgm_pb2 as pb
 @dataclass(frozen=True)
 class CompressedLayer:
     full: FullLayer  # what would travel if the layer's unit goes in full
-    decoded: torch.Tensor  # g~: the server's reconstruction of that payload
+    decoded: torch.Tensor  # g~: the server's reconstruction of that payload, on the CPU (the LBG if it travels)
+    on_device: torch.Tensor  # g~ on the gradient's device, for the decision and the memory
     warm_q: torch.Tensor | None
 
 
@@ -69,7 +78,7 @@ class LbgmEncoder:
     def _compress(self, layer: int, x: torch.Tensor, round_number: int, wire_dtype: torch.dtype) -> CompressedLayer:
         result = compress(self.compressor, x, self.warm_q.get(layer), self._generator, wire_dtype)
         return CompressedLayer(FullLayer(layer, round_number, result.codec, result.parts), result.decoded,
-                               result.lowrank_q)
+                               result.decoded.to(x.device), result.lowrank_q)
 
     def encode(
         self,
@@ -90,15 +99,17 @@ class LbgmEncoder:
         memory: dict[int, torch.Tensor] = {}
         errors: dict[int, float] = {}
         for index, unit in enumerate(self.units):
-            decoded = [layers[layer].decoded for layer in unit]
+            decoded = [layers[layer].on_device for layer in unit]
             lbg = None if index in force_full else self.lbgs.get(index)
-            decision = decide(decoded, lbg.tensors if lbg else None, delta)
+            lbg_here = [part.to(d.device) for part, d in zip(lbg.tensors, decoded, strict=True)] if lbg else None
+            decision = decide(decoded, lbg_here, delta)
             errors[index] = decision.phase_error
             if decision.send_scalar:
                 scalars.append(ScalarEntry(unit=index, rho=decision.rho, lbg_version=lbg.version))
-                server_view = rebuild(lbg.tensors, decision.rho)
+                server_view = rebuild(lbg_here, decision.rho)
             else:
-                new_lbgs[index] = LookbackGradient(tensors=tuple(decoded), version=round_number)
+                new_lbgs[index] = LookbackGradient(tensors=tuple(layers[layer].decoded for layer in unit),
+                                                   version=round_number)
                 full.extend(layers[layer].full for layer in unit)
                 server_view = [d.to(torch.float32) for d in decoded]
             if not (compressor_memory or error_feedback):
@@ -106,9 +117,9 @@ class LbgmEncoder:
             for layer, seen in zip(unit, server_view):
                 carried = torch.zeros_like(inputs[layer])
                 if compressor_memory:
-                    carried += inputs[layer] - layers[layer].decoded
+                    carried += inputs[layer] - layers[layer].on_device
                 if error_feedback:
-                    carried += layers[layer].decoded.to(torch.float32) - seen
+                    carried += layers[layer].on_device.to(torch.float32) - seen
                 memory[layer] = carried
         warm_q = {i: layer.warm_q for i, layer in enumerate(layers) if layer.warm_q is not None}
         return EncodedRound(full=full, scalars=scalars, new_lbgs=new_lbgs, memory=memory, warm_q=warm_q,

@@ -1,5 +1,8 @@
 """Local training: the task's training (default: tau SGD steps) from the global model on the
 worker's shard, turned into the update g the server steps on (the definition is in lbgm.task).
+
+The model lives on the worker's device (--device); the global state that arrived is copied to
+it, the training runs there and g is computed there. Buffers leave as CPU tensors, as they travel.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ class BatchPosition:
 
 
 class LocalTrainer:
-    def __init__(self, task: Task, model: nn.Module, data: Any, seed: int) -> None:
+    def __init__(self, task: Task, model: nn.Module, data: Any, seed: int,
+                 device: torch.device = torch.device("cpu")) -> None:
         if len(data) == 0:
             raise ValueError("a worker needs at least one training sample")
         self.task = task
-        self.model = model
+        self.device = device
+        self.model = model.to(device)
         self.data = data
         self._generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.int64)
@@ -78,13 +83,15 @@ class LocalTrainer:
         with torch.no_grad():
             for target, value in zip([*params, *self.model.buffers()], global_state, strict=True):
                 target.copy_(value)
+        start = [value.to(self.device) for value in global_state[:len(params)]]
         result = self.task.train(LocalRound(
             model=self.model, data=self.data, loss=self.task.loss, steps=local_steps, batch_size=batch_size, lr=lr,
-            round=round_number, generator=self._generator, next_batch=self._next_batch))
-        return update_of(result, global_state[:len(params)], params, lr), float(result.loss)
+            round=round_number, generator=self._generator, next_batch=self._next_batch, device=self.device))
+        return update_of(result, start, params, lr), float(result.loss)
 
     def buffers(self) -> list[torch.Tensor]:
-        return [buffer.detach().clone() for buffer in self.model.buffers()]
+        """The model's buffers after training, as CPU copies (what travels)."""
+        return [buffer.detach().to("cpu", copy=True) for buffer in self.model.buffers()]
 
 
 def update_of(result: LocalResult, start: Sequence[torch.Tensor], trained: Sequence[torch.Tensor],
