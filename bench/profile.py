@@ -40,6 +40,7 @@ import torch
 from lbgm.common.config import ExperimentConfig
 from lbgm.tasks.datasets import DATASET_SHAPES
 from lbgm.common.lookback import aggregation_weights, all_finite, server_sgd_step, weighted_sum
+from lbgm.common.model_spec import describe_model
 from lbgm.tasks.models import build_model
 from lbgm.common.wire import (
     EncodedTensor, FullLayer, read_update_body, read_update_header, serialized_update_parts, task_parts, update_parts,
@@ -67,7 +68,7 @@ def round_steps(model_name: str, workers: int) -> dict[str, Callable[[], object]
     """Closures for each per-round step of `workers` all-full uploads of `model_name`."""
     config = ExperimentConfig(model=model_name, dataset="mnist", workers=workers)
     model = build_model(model_name, 0, DATASET_SHAPES["mnist"], 10)
-    rules = upload_rules(config, model)
+    rules = upload_rules(config, describe_model(model))
     params = [p.detach().clone() for p in model.parameters()]
     generator = torch.Generator().manual_seed(0)
     gradients = [[torch.randn(p.shape, generator=generator) for p in params] for _ in range(workers)]

@@ -6,6 +6,7 @@
   lbgm status --server H:P      round, workers, accuracy and bytes of a running server
   lbgm health --server H:P      exit 0 if the server's grpc.health.v1 says SERVING (container healthchecks)
   lbgm certs --out DIR          development CA and certificates for mutual TLS (docs/SECURITY.md)
+  lbgm init-weights --out FILE  a task's initial model as a weights file, for `lbgm server --weights FILE`
   lbgm sweep / lbgm report      grids of runs, and their plots and tables
   lbgm lab --hosts 4            one run across network namespaces with capped links (root only)
   lbgm fetch-data --dataset D   download a data set's official files into --data-dir (needs network)
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from lbgm.cli import analyze, certs, fetch, health, lab, report, sweep
+from lbgm.cli import analyze, certs, fetch, health, lab, report, sweep, weights
 from lbgm.cli.credentials import add_secret_arguments, read_secret
 from lbgm.cli.options import EnvParser, UsageError, add_log_level, configure_logging, worker_names
 from lbgm.cli.transport import (add_client_tls_arguments, add_server_tls_arguments, client_tls, server_tls,
@@ -62,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(run)
 
     server = commands.add_parser("server", help="run the aggregation server", read_env=True,
-                                 description="Run the aggregator; it trains for --rounds rounds, then exits.")
+                                 description="Run the aggregator; it trains for --rounds rounds, then exits. It "
+                                             "builds the task's model and data (--task), or, with --weights FILE "
+                                             "(from `lbgm init-weights`), holds that file's tensors only: no task "
+                                             "code, no data, evaluation by the workers (docs/TASKS.md, A server "
+                                             "without your code).")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     server.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default: 50051)")
     server.add_argument("--port-file", type=Path, help="write the bound port to this file once listening")
@@ -146,11 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_parser(commands)
     lab.add_parser(commands)
     fetch.add_parser(commands)
+    weights.add_parser(commands)
     return parser
 
 
 def cmd_server(args: argparse.Namespace) -> int:
     from lbgm.server.app import Access, check_exposure, serve
+    from lbgm.common.weights import WeightsError
     from lbgm.server.checkpoint import CheckpointError, CheckpointStore
 
     if not 0 <= args.metrics_port <= 65535:
@@ -173,7 +180,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     try:
         serve(config, args.host, args.port, run_dir, args.port_file, access=access, resume=resume,
               metrics_host=args.metrics_host or args.host, metrics_port=args.metrics_port)
-    except CheckpointError as error:
+    except (CheckpointError, WeightsError) as error:
         raise UsageError(str(error)) from None
     return 0
 
@@ -227,7 +234,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     fields = {
         "round": status.round, "completed_rounds": status.completed_rounds, "total_rounds": status.total_rounds,
         "workers_joined": status.workers_joined, "test_accuracy": status.test_accuracy,
-        "test_loss": status.test_loss, "uplink_bytes": status.uplink_bytes,
+        "test_loss": status.test_loss, "evaluation": status.evaluation,
+        "evaluated_model_round": status.evaluated_model_round, "uplink_bytes": status.uplink_bytes,
         "downlink_bytes": status.downlink_bytes, "finished": status.finished,
         **({"state_digest": status.state_digest} if args.digest else {}),
     }

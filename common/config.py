@@ -45,6 +45,11 @@ class ExperimentConfig:
     task: str = _doc("the federated job: package.module:name or path/to/file.py:name naming a lbgm.task.Task or a "
                      "factory of one (docs/TASKS.md); the built-in image-classification task reads dataset, model, "
                      "partition, classes_per_worker, dirichlet_alpha and eval_batch_size", BUILTIN_TASK)
+    weights: str = _doc("a server runs from this initial weights file (safetensors, written by `lbgm init-weights`) "
+                        "instead of the task: it then loads no task code and no data, checks uploads against the "
+                        "file's tensors, trusts the workers' sample counts up to max_worker_samples and evaluates "
+                        "through the workers (federated_eval_every); `task` is then only what `lbgm run` gives its "
+                        "workers. Empty: the server builds the task's model", "")
     dataset: str = _doc("data set of the built-in task: mnist-embedded, mnist, fashion-mnist, cifar10, cifar100",
                         "mnist-embedded")
     data_dir: str = _doc("folder holding the task's data, e.g. MNIST/raw or FashionMNIST/raw (may be read-only)", "")
@@ -76,6 +81,15 @@ class ExperimentConfig:
                            "dtypes (float32 values and scales, int32 indices, packed bits, int8 levels)", "float32")
     round_timeout: float = _doc("seconds a round waits for sampled workers before closing with what arrived", 120.0)
     eval_batch_size: int = _doc("batch size of the server's test-set evaluation", 1000)
+    federated_eval_every: int = _doc("federated evaluation: every N rounds the sampled workers evaluate the global "
+                                     "model they receive on their own held-out data (the task's validation_data) "
+                                     "before training, and after the last round every joined worker evaluates the "
+                                     "final model; the server averages the figures weighted by sample counts. 0 = "
+                                     "off; -1 = every round when the server has no central evaluation (weights, or "
+                                     "a task without test_data), else off", -1)
+    max_worker_samples: int = _doc("a server without the task's data (weights) cannot know the shards' sizes: it "
+                                   "refuses an upload or evaluation claiming more samples than this (the claim is "
+                                   "the worker's aggregation weight)", 1_000_000)
     checkpoint_every: int = _doc("write a resumable server checkpoint every N rounds (0: never)", 1)
     update_norm_bound: float = _doc("a layer of an update whose norm exceeds this many times that layer's median "
                                     "over the round's updates is scaled down to the median (needs >= 3 updates; "
@@ -102,6 +116,9 @@ class ExperimentConfig:
             (self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}"),
             (self.round_timeout > 0, f"round_timeout must be > 0, got {self.round_timeout}"),
             (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (self.federated_eval_every >= -1,
+             f"federated_eval_every must be -1 (auto), 0 (off) or a number of rounds >= 1, got {self.federated_eval_every}"),
+            (self.max_worker_samples >= 1, f"max_worker_samples must be >= 1, got {self.max_worker_samples}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (0.0 <= self.update_norm_bound < math.inf, f"update_norm_bound must be finite and >= 0, got {self.update_norm_bound}"),
             (self.loss_guard_ratio == 0.0 or 1.0 < self.loss_guard_ratio < math.inf,
@@ -142,6 +159,13 @@ class ExperimentConfig:
     @property
     def effective_min_workers(self) -> int:
         return self.min_workers or self.workers
+
+    def federated_eval_period(self, central_evaluation: bool) -> int:
+        """Rounds between federated evaluations (0 = none), resolving -1 (auto) for a server that
+        does or does not evaluate centrally."""
+        if self.federated_eval_every == -1:
+            return 0 if central_evaluation else 1
+        return self.federated_eval_every
 
     def with_overrides(self, overrides: dict[str, Any]) -> ExperimentConfig:
         return dataclasses.replace(self, **_checked(overrides, source="overrides"))

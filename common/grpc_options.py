@@ -27,7 +27,9 @@ SERVER_OPTIONS = [
 ]
 
 ERROR_DETAIL_KEY = "lbgm-error-bin"  # trailing metadata holding a serialized ErrorDetail
-PROTOCOL = "lbgm.v1"  # what JoinRequest.protocol must say
+# What JoinRequest.protocol must say. lbgm.v1.1: joins carry the worker's model description
+# (GetExperiment first) and RoundTasks may ask for evaluations, which lbgm.v1 workers would ignore.
+PROTOCOL = "lbgm.v1.1"
 
 # Call metadata carrying credentials, so the server checks them before it reads a request message
 # (documented next to the methods in lbgm.proto).

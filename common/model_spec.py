@@ -1,7 +1,9 @@
 """What a model looks like on the wire: its parameters and buffers by name, shape and dtype.
 
-The server sends this description at join; a worker whose own model differs stops there and
-names the difference, instead of failing on its first upload."""
+A worker sends the description of its own model with its Join; the server compares it with its
+own (from the task's model, or from a weights file) and refuses a join that differs, naming every
+difference, before the worker takes a slot. Upload rules (lbgm.server.updates) derive from the
+same description, so the server never needs the model's class."""
 
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from lbgm.v1 import lbgm_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -23,12 +28,38 @@ class TensorSpec:
         kind = "buffer" if self.buffer else "parameter"
         return f"{kind} {self.name} {self.dtype}{list(self.shape)}"
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dtype = getattr(torch, self.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{self}: {self.dtype!r} is not a torch dtype")
+        return dtype
+
+    def to_proto(self) -> pb.TensorSpec:
+        return pb.TensorSpec(name=self.name, shape=self.shape, dtype=self.dtype, buffer=self.buffer)
+
+    @classmethod
+    def from_proto(cls, message: pb.TensorSpec) -> TensorSpec:
+        return cls(message.name, tuple(message.shape), message.dtype, message.buffer)
+
+
+def describe_tensor(name: str, tensor: torch.Tensor, buffer: bool) -> TensorSpec:
+    return TensorSpec(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), buffer)
+
 
 def describe_model(model: nn.Module) -> list[TensorSpec]:
     """Parameters, then buffers, in the order they travel."""
-    return [TensorSpec(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), buffer)
+    return [describe_tensor(name, t, buffer)
             for buffer, named in ((False, model.named_parameters()), (True, model.named_buffers()))
             for name, t in named]
+
+
+def specs_to_proto(specs: Sequence[TensorSpec]) -> list[pb.TensorSpec]:
+    return [spec.to_proto() for spec in specs]
+
+
+def specs_from_proto(messages: Sequence[pb.TensorSpec]) -> list[TensorSpec]:
+    return [TensorSpec.from_proto(message) for message in messages]
 
 
 def fingerprint(specs: Sequence[TensorSpec]) -> str:

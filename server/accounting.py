@@ -3,12 +3,15 @@
 Every upload and download is counted as serialized stream messages (see
 lbgm.common.wire), per worker and per message kind, including uploads that
 were refused. `metrics.jsonl` gets one line per round; `summary.json` is
-written at the end (atomically, so a reader never sees half a file).
+written at the end (atomically, so a reader never sees half a file). The
+evaluation-only round after the last one (federated evaluation of the final
+model) counts into the last round's line.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 from collections import defaultdict
@@ -39,6 +42,16 @@ class RoundLedger:
 
     def add_downlink(self, worker_id: int, kind: str, count: int) -> None:
         self.downlink[worker_id][kind] += count
+
+    def merge(self, other: RoundLedger) -> None:
+        """Add another ledger's counts (the evaluation-only round's to the last round's)."""
+        for worker_id, kinds in other.uplink.items():
+            self.add_uplink(worker_id, kinds)
+        for worker_id, kinds in other.downlink.items():
+            for kind, count in kinds.items():
+                self.add_downlink(worker_id, kind, count)
+        for reason, count in other.refused.items():
+            self.refused[reason] += count
 
     @staticmethod
     def _total(table: dict[int, dict[str, int]]) -> int:
@@ -101,10 +114,14 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     uplink = sum(r["uplink_bytes"] for r in records)
     equivalent = sum(r["full_equivalent_uplink_bytes"] for r in records)
     accuracies = [r["test_accuracy"] for r in records]
+    measured = [a for a in accuracies if not math.isnan(a)]  # federated evaluation may skip rounds
     return {
         "rounds_completed": len(records),
         "final_accuracy": accuracies[-1] if accuracies else None,
-        "best_accuracy": max(accuracies) if accuracies else None,
+        "best_accuracy": (max(measured) if measured else math.nan) if accuracies else None,
+        # Where the final accuracy comes from and which model it describes (see the round records).
+        "final_accuracy_source": records[-1].get("test_source") if records else None,
+        "final_accuracy_model_round": records[-1].get("test_model_round") if records else None,
         "uplink_bytes": uplink,
         "downlink_bytes": sum(r["downlink_bytes"] for r in records),
         "full_equivalent_uplink_bytes": equivalent,

@@ -76,10 +76,10 @@ def start_server(coordinator: Coordinator, host: str, port: int, access: Access 
     service = AggregatorService(coordinator, check_peer_names=tls is not None and tls.mutual,
                                 join_token=access.join_token, operator_token=access.operator_token)
     guard = CallGuard(access.limits, WORKER_METHODS, service.admit)
-    # A worker runs at most one poll and one upload at a time (AggregatorService.admit); a few more threads
-    # end refused calls and the calls a newer one of the same worker is cancelling. Every other call runs on
-    # the guard's own pool.
-    threads = 2 * coordinator.config.workers + 8
+    # A worker runs at most one poll, one upload and one evaluation report at a time (AggregatorService.admit);
+    # a few more threads end refused calls and the calls a newer one of the same worker is cancelling. Every
+    # other call runs on the guard's own pool.
+    threads = 3 * coordinator.config.workers + 8
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
                          interceptors=[guard], options=SERVER_OPTIONS)
     pb_grpc.add_AggregatorServicer_to_server(service, server)

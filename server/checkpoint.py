@@ -43,10 +43,11 @@ from lbgm.common.state_files import content_digest, load, save_atomic
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: LBG files named and verified by content digest; last accepted round per worker
-# Settings a resumed run may change: where data lives and how the server is operated, plus the
-# round count (to extend a finished run). Every other field defines the experiment and must match.
+# Settings a resumed run may change: where data lives and how the server is operated (including how
+# often the workers evaluate and how many samples one may claim), plus the round count (to extend a
+# finished run). Every other field defines the experiment and must match.
 RESUMABLE_CHANGES = frozenset({"data_dir", "round_timeout", "checkpoint_every", "eval_batch_size", "min_workers",
-                               "rounds"})
+                               "rounds", "federated_eval_every", "max_worker_samples"})
 
 
 class CheckpointError(RuntimeError):

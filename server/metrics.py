@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 # From an MLP round on a laptop (tenths of a second) to a ResNet round on two CPU cores (minutes).
 ROUND_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
-UPLINK_KINDS = ("header", "full", "scalar", "buffer", "refused")  # lbgm.common.wire's kinds, plus refusals
+# lbgm.common.wire's kinds, the workers' evaluation reports, and refusals
+UPLINK_KINDS = ("header", "full", "scalar", "buffer", "evaluation", "refused")
 DOWNLINK_KINDS = ("task", "model", "control")
 UNIT_KINDS = ("scalar", "full")
 REFUSAL_REASONS = tuple(name for name in pb.ErrorDetail.Reason.keys() if name != "REASON_UNSPECIFIED")
@@ -65,9 +66,14 @@ class StatusCollector(Collector):
         (GaugeMetricFamily, "lbgm_workers_registered", "workers_joined",
          "worker slots taken (a re-joining worker keeps its slot)"),
         (GaugeMetricFamily, "lbgm_test_accuracy", "test_accuracy",
-         "test accuracy of the global model after the last completed round (NaN before the first)"),
+         "accuracy of the last evaluated global model (NaN before the first evaluation): central on the server's "
+         "test set, or federated (lbgm_federated_evaluation 1), the workers' held-out data weighted by sample counts"),
         (GaugeMetricFamily, "lbgm_test_loss", "test_loss",
-         "test loss of the global model after the last completed round (NaN before the first)"),
+         "loss of the last evaluated global model (NaN before the first evaluation); see lbgm_test_accuracy"),
+        (GaugeMetricFamily, "lbgm_evaluated_model_round", "evaluated_model_round",
+         "the global model lbgm_test_accuracy and lbgm_test_loss describe: the model after this many rounds"),
+        (GaugeMetricFamily, "lbgm_federated_evaluation", "federated",
+         "1 if lbgm_test_accuracy and lbgm_test_loss come from federated evaluation, 0 if central or none yet"),
     )
 
     def __init__(self, status: Callable[[], pb.StatusReply]) -> None:
@@ -80,8 +86,9 @@ class StatusCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         reply = self._status()
+        values = {"federated": float(reply.evaluation == "federated")}
         for family, name, field, documentation in self.FAMILIES:
-            yield family(name, documentation, value=getattr(reply, field))
+            yield family(name, documentation, value=values[field] if field in values else getattr(reply, field))
 
 
 class ServerMetrics:

@@ -5,8 +5,18 @@ round samples a fraction of the joined workers, opens the round, waits until
 every sampled worker's upload is accepted or the deadline passes, closes the
 round (later uploads are refused), aggregates what arrived with weights
 renormalised over the participants, applies the server optimizer, evaluates
-and records metrics. gRPC threads call `join`, `wait_for_task`, `submit` and
-`status`; one condition variable guards all shared state.
+and records metrics. gRPC threads call `join`, `wait_for_task`, `submit`,
+`submit_evaluation` and `status`; one condition variable guards all shared
+state.
+
+Evaluation is central (the task's test set, on the server) when the server has
+the task's code and the task has test data, and federated when so configured
+(federated_eval_every; by default whenever there is no central evaluation):
+the workers sampled in round r evaluate the model they receive, the model
+after round r - 1, before training, and after the last round an
+evaluation-only round asks every joined worker to evaluate the final model,
+so the last record (and the summary's final accuracy) describes the final
+model. Each record says which model its test figures describe.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -26,20 +36,19 @@ import torch
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.compressors import CODEC_OF, zero_payload
 from lbgm.common.lookback import aggregation_weights, decision_units
-from lbgm.common.model_spec import describe_model, fingerprint
+from lbgm.common.model_spec import TensorSpec, fingerprint, model_differences, specs_to_proto
 from lbgm.common.robust import GlobalModel, aggregate_round
 from lbgm.common.state_files import content_digest, lbgs_to_state, save_atomic
 from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_parts, wire_size
 from lbgm.server.checkpoint import CheckpointStore, CheckpointWriteError, ServerState
 from lbgm.server.accounting import RoundLedger, RunRecorder, resident_memory_bytes
-from lbgm.server.evaluation import load_state
+from lbgm.server.evaluation import FederatedEvaluation, WorkerEvaluation, aggregate_evaluations, checked_report
+from lbgm.server.job import load_server_job
 from lbgm.server.sampling import sample_workers
 from lbgm.server.metrics import ServerMetrics
 from lbgm.server.mirrors import MirrorStore
 from lbgm.server.registry import Registry, WorkerRecord
 from lbgm.server.updates import AcceptedUpdate, UpdateRejected, UploadRules, judge_update
-from lbgm.task import Shard, Task
-from lbgm.task.loader import build_model, call_task, load_task
 from lbgm.v1 import lbgm_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -64,50 +73,66 @@ class OpenRound:
     started: float
     accepted: dict[int, AcceptedUpdate] = field(default_factory=dict)
     equivalent_bytes: int = 0  # what the accepted uploads would have cost with delta = 0
+    evaluations: dict[int, WorkerEvaluation] = field(default_factory=dict)
+
+    @property
+    def evaluate_only(self) -> bool:
+        return self.snapshot.task.evaluate_only
+
+    def waiting_for(self) -> frozenset[int]:
+        """Sampled workers the round still waits for: their upload, or in an evaluation-only round
+        their evaluation."""
+        return self.sampled - (self.evaluations.keys() if self.evaluate_only else self.accepted.keys())
 
 
-def upload_rules(config: ExperimentConfig, model: torch.nn.Module) -> UploadRules:
-    """What every upload of this run must look like."""
+@dataclass(frozen=True)
+class Evaluated:
+    """The last evaluation of the global model, as `lbgm status` and Prometheus show it."""
+
+    accuracy: float = math.nan
+    loss: float = math.nan
+    source: str = ""  # "central", "federated", "" (none yet)
+    model_round: int = 0  # the model after this many rounds
+
+
+class ModelRefused(ValueError):
+    """A joining worker's model differs from the server's; nothing changed on the server."""
+
+
+def upload_rules(config: ExperimentConfig, tensors: Sequence[TensorSpec]) -> UploadRules:
+    """What every upload of this run must look like, from the model's tensor description alone."""
+    parameters = [spec for spec in tensors if not spec.buffer]
     return UploadRules(
-        layer_shapes=tuple(tuple(p.shape) for p in model.parameters()),
-        units=tuple(decision_units(len(list(model.parameters())), config.granularity)),
+        layer_shapes=tuple(spec.shape for spec in parameters),
+        units=tuple(decision_units(len(parameters), config.granularity)),
         dense_dtype=WIRE_DTYPES[config.wire_dtype],
         codec=CODEC_OF[config.compressor],
-        buffer_specs=tuple((tuple(b.shape), b.dtype) for b in model.buffers()),
+        buffer_specs=tuple((spec.shape, spec.torch_dtype) for spec in tensors if spec.buffer),
     )
 
 
-def shard_data(task: Task, config: ExperimentConfig) -> list:
-    """Every worker's training data, as the workers load it (the server needs the sample counts)."""
-    return [call_task(config.task, f"train_data of shard {index}", task.train_data,
-                      Shard(index, config.workers, config.seed, config.data_path))
-            for index in range(config.workers)]
-
-
 class Coordinator:
-    def __init__(self, config: ExperimentConfig, run_dir: Path, resume: bool = False) -> None:
+    def __init__(self, config: ExperimentConfig, run_dir: Path, resume: bool = False,
+                 eval_device: torch.device = torch.device("cpu")) -> None:
         """A fresh run in `run_dir`, or (resume) the run continued from its last checkpoint there.
-        The task is loaded, and its model and data built, before anything in run_dir changes."""
+        The job (the task's model and data, or a weights file: lbgm.server.job) is loaded before
+        anything in run_dir changes. `eval_device` runs the central evaluation; the global model and
+        the mirrors stay on the CPU."""
         self.config = config
-        self.task = load_task(config.task, config.task_options)
-        self.model = build_model(self.task, config.seed, config.task)
-        shards = shard_data(self.task, config)
-        self._shard_sizes = [len(shard) for shard in shards]
-        central = self.task.test_data is not None and self.task.evaluate is not None
-        self.test_data = call_task(config.task, "test_data", self.task.test_data, config.data_path) if central else None
+        self.job = load_server_job(config, eval_device)
+        self._eval_period = config.federated_eval_period(self.job.evaluate is not None)
         self.checkpoints = CheckpointStore.of_run(run_dir)
         if not resume:
             self.checkpoints.clear()
         restored = self.checkpoints.load(config) if resume else None
-        self.params = [p.detach().clone() for p in self.model.parameters()]
-        self.buffers = [b.detach().clone() for b in self.model.buffers()]
-        self.layer_shapes = [tuple(p.shape) for p in self.params]
+        self.params, self.buffers = self.job.initial.params, self.job.initial.buffers
+        self.model_tensors = self.job.initial.tensors
+        self.layer_shapes = [spec.shape for spec in self.job.initial.parameter_specs]
         self.units = decision_units(len(self.params), config.granularity)
-        self.model_tensors = describe_model(self.model)
         self.fingerprint = fingerprint(self.model_tensors)
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self.velocity: list[torch.Tensor] | None = None
-        self.rules = upload_rules(config, self.model)
+        self.rules = upload_rules(config, self.model_tensors)
         self.registry = Registry(config.workers)
         self.mirrors = MirrorStore()
         self.recorder = RunRecorder(run_dir, restored.metrics if restored else None)
@@ -122,13 +147,14 @@ class Coordinator:
         self._completed = 0
         self._finished = False
         self._told_finished: set[int] = set()
-        self._last_eval = (math.nan, math.nan)
+        self._central_eval = (math.nan, math.nan)  # (accuracy, loss) the round guard compares against
+        self._last_eval = Evaluated()
         self._totals = {"uplink": 0, "downlink": 0}
         self._full_parts_bytes: dict[int, int] = {}
         self._started = time.monotonic()
         if restored is not None:
             self._restore(restored)
-        self._write_partition_summary(shards)
+        self._write_partition_summary()
 
     def _restore(self, state: ServerState) -> None:
         self.params, self.buffers, self.velocity = state.params, state.buffers, state.velocity
@@ -139,8 +165,13 @@ class Coordinator:
         self._last_accepted = dict(state.last_accepted)
         self._totals = dict(state.totals)
         self._started -= state.elapsed_seconds
-        if state.metrics:
-            self._last_eval = (state.metrics[-1]["test_accuracy"], state.metrics[-1]["test_loss"])
+        if state.metrics and self.job.evaluate is not None:
+            self._central_eval = (state.metrics[-1]["test_accuracy"], state.metrics[-1]["test_loss"])
+        evaluated = [r for r in state.metrics if r.get("test_source")]
+        if evaluated:
+            last = evaluated[-1]
+            self._last_eval = Evaluated(last["test_accuracy"], last["test_loss"], last["test_source"],
+                                        last["test_model_round"])
         log.info("resumed from %s after round %d: %d workers registered (they re-join by themselves), "
                  "%d LBG mirror entries", self.checkpoints.directory, self._completed, len(state.workers),
                  sum(len(entries) for entries in state.mirrors.values()))
@@ -172,20 +203,23 @@ class Coordinator:
         log.debug("checkpoint after round %d: %d new LBG bytes in %.2fs", self._completed, written,
                   time.monotonic() - started)
 
-    def _write_partition_summary(self, shards: list) -> None:
-        """partition.txt: what each worker's shard holds (workers compute the same split)."""
-        if self.task.describe_shards is not None:
-            summary = self.task.describe_shards(shards)
-        else:
-            summary = "\n".join(f"worker {index}: {size} samples" for index, size in enumerate(self._shard_sizes))
+    def _write_partition_summary(self) -> None:
+        """partition.txt: what each worker's shard holds (workers compute the same split), or that the
+        server has no data."""
+        summary = self.job.partition
         (self.recorder.run_dir / "partition.txt").write_text(summary + "\n")
         log.info("data partition (worker index = shard = worker id - 1):\n%s", summary)
 
     # ---------------------------------------------------------- worker side
 
-    def join(self, name: str) -> tuple[WorkerRecord, dict[int, int], int]:
+    def join(self, name: str, model_tensors: Sequence[TensorSpec]) -> tuple[WorkerRecord, dict[int, int], int]:
         """(record, LBG versions held, last round whose upload from this worker the server's state holds):
-        a re-joining worker returns its LBGM state to what it was right after that round."""
+        a re-joining worker returns its LBGM state to what it was right after that round.
+        ModelRefused, before anything changes, if the worker's model is not the server's."""
+        differences = model_differences(self.model_tensors, model_tensors, limit=20)
+        if differences and model_tensors:  # TRANSITIONAL until worker/client.py sends its model
+            raise ModelRefused(f"worker {name}'s model differs from the server's ({self.job.source}): "
+                               f"{'; '.join(differences)}")
         record, rejoined = self.registry.join(name)
         self.metrics.heard_from(record.worker_id)
         versions = self.mirrors.versions(record.worker_id)
@@ -195,14 +229,13 @@ class Coordinator:
             self._cond.notify_all()
             return record, versions, self._last_accepted.get(record.worker_id, 0)
 
-    def experiment_spec(self, shard_index: int) -> pb.ExperimentSpec:
+    def experiment_spec(self) -> pb.ExperimentSpec:
         c = self.config
         return pb.ExperimentSpec(
             dataset=c.dataset, model=c.model, partition=c.partition, classes_per_worker=c.classes_per_worker,
             dirichlet_alpha=c.dirichlet_alpha, num_shards=c.workers, seed=c.seed, granularity=c.granularity,
-            model_fingerprint=self.fingerprint, task=c.task, eval_batch_size=c.eval_batch_size,
-            model_tensors=[pb.TensorSpec(name=t.name, shape=t.shape, dtype=t.dtype, buffer=t.buffer)
-                           for t in self.model_tensors],
+            model_fingerprint=self.fingerprint, task=self.job.task, eval_batch_size=c.eval_batch_size,
+            model_tensors=specs_to_proto(self.model_tensors),
         )
 
     def wait_for_task(self, worker_id: int, max_wait: float,
@@ -218,7 +251,7 @@ class Coordinator:
                     self._cond.notify_all()
                     return pb.Finished(reason=f"training finished after {self._completed} rounds")
                 current = self._round
-                if current and worker_id in current.sampled and worker_id not in current.accepted:
+                if current and worker_id in current.waiting_for():
                     return current.snapshot
                 remaining = end - time.monotonic()
                 if remaining <= 0:
@@ -255,9 +288,38 @@ class Coordinator:
             self._last_accepted[worker_id] = current.number
             current.equivalent_bytes += (update.bytes_by_kind["header"] + update.bytes_by_kind.get("buffer", 0)
                                          + self._all_full_bytes(current.number))
-            if current.sampled <= current.accepted.keys():
+            if not current.waiting_for():
                 self._cond.notify_all()
             return accepted
+
+    def submit_evaluation(self, worker_id: int, report: pb.EvaluationReport, wire_bytes: int) -> None:
+        """Take a worker's evaluation of the open round's model, or raise UpdateRejected and change
+        nothing but the byte counters. A repeated report of the same round is acknowledged and ignored."""
+        self.metrics.heard_from(worker_id)
+        with self._cond:
+            current = self._round
+            try:
+                if current is None or report.round != current.number:
+                    now = current.number if current else self._completed
+                    raise UpdateRejected(pb.ErrorDetail.ROUND_CLOSED,
+                                         f"round {report.round} is not open (current round: {now})")
+                if not (current.snapshot.task.evaluate or current.evaluate_only):
+                    raise UpdateRejected(pb.ErrorDetail.MALFORMED, f"round {report.round} asks for no evaluation")
+                if worker_id not in current.sampled:
+                    raise UpdateRejected(pb.ErrorDetail.NOT_SAMPLED,
+                                         f"worker {worker_id} was not sampled in round {report.round}")
+                evaluation = checked_report(report, self.config.max_worker_samples)
+            except UpdateRejected as error:
+                self._count_refusal(worker_id, error.reason, wire_bytes)
+                raise
+            kinds = {"evaluation": wire_bytes}
+            self._ledger.add_uplink(worker_id, kinds)
+            self._totals["uplink"] += wire_bytes
+            self.metrics.accepted(kinds, 0, 0)
+            current.equivalent_bytes += wire_bytes  # a delta = 0 run evaluates alike
+            current.evaluations.setdefault(worker_id, evaluation)
+            if not current.waiting_for():
+                self._cond.notify_all()
 
     def record_refusal(self, worker_id: int, reason: int, wire_bytes: int) -> None:
         """Count an upload refused before it reached `submit` (bad stream, bad token)."""
@@ -283,12 +345,19 @@ class Coordinator:
             raise UpdateRejected(pb.ErrorDetail.ROUND_CLOSED, f"round {claimed} is not open (current round: {now})")
         if worker_id not in current.sampled:
             raise UpdateRejected(pb.ErrorDetail.NOT_SAMPLED, f"worker {worker_id} was not sampled in round {claimed}")
+        if current.evaluate_only:
+            raise UpdateRejected(pb.ErrorDetail.ROUND_CLOSED, f"round {claimed} only evaluates the final model")
         accepted = judge_update(update, current.number, self.rules, self.mirrors.of_worker(worker_id))
         # The aggregation weight: a worker claiming more samples than its shard holds would dominate the average.
-        shard_size = self._shard_sizes[self.registry.shard_of(worker_id)]
-        if accepted.num_samples != shard_size:
-            raise UpdateRejected(pb.ErrorDetail.MALFORMED, f"num_samples is {accepted.num_samples}, but worker "
-                                                           f"{worker_id}'s shard holds {shard_size} samples")
+        # Without the data (a weights file) the server knows no shard's size: the claim is bounded instead.
+        if self.job.shard_sizes is not None:
+            shard_size = self.job.shard_sizes[self.registry.shard_of(worker_id)]
+            if accepted.num_samples != shard_size:
+                raise UpdateRejected(pb.ErrorDetail.MALFORMED, f"num_samples is {accepted.num_samples}, but worker "
+                                                               f"{worker_id}'s shard holds {shard_size} samples")
+        elif accepted.num_samples > self.config.max_worker_samples:
+            raise UpdateRejected(pb.ErrorDetail.MALFORMED, f"num_samples is {accepted.num_samples}, more than "
+                                                           f"max_worker_samples ({self.config.max_worker_samples})")
         return accepted
 
     def _all_full_bytes(self, round_number: int) -> int:
@@ -307,9 +376,11 @@ class Coordinator:
     def status(self, include_digest: bool = False) -> pb.StatusReply:
         with self._cond:
             current = self._round.number if self._round else self._completed
+            evaluated = self._last_eval
             return pb.StatusReply(
-                round=current, total_rounds=self.config.rounds, workers_joined=len(self.registry),
-                test_accuracy=self._last_eval[0], test_loss=self._last_eval[1],
+                round=min(current, self.config.rounds), total_rounds=self.config.rounds,
+                workers_joined=len(self.registry), test_accuracy=evaluated.accuracy, test_loss=evaluated.loss,
+                evaluation=evaluated.source, evaluated_model_round=evaluated.model_round,
                 uplink_bytes=self._totals["uplink"], downlink_bytes=self._totals["downlink"],
                 finished=self._finished, completed_rounds=self._completed,
                 state_digest=self._state_digest() if include_digest else "",
@@ -390,26 +461,29 @@ class Coordinator:
                 log.info("waiting for workers: %d of %d joined", len(self._present), needed)
                 self._cond.wait(min(10.0, remaining) if remaining > 0 else 10.0)
 
-    def _evaluate(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> tuple[float, float]:
-        """(test accuracy, test loss) of a model state; the driver thread alone uses self.model."""
-        if self.test_data is None:
-            return math.nan, math.nan
-        load_state(self.model, params, buffers)
-        result = self.task.evaluate(self.model, self.test_data)
-        return float(result.accuracy), float(result.loss)
-
     def _model_before_round(self) -> GlobalModel:
-        """The global model with its test figures, which the round guard compares against
+        """The global model with its central test figures, which the round guard compares against
         (evaluated here only before the first round, when no round has measured it)."""
-        accuracy, loss = self._last_eval
-        if not math.isfinite(loss) and self.test_data is not None:
-            accuracy, loss = self._evaluate(self.params, self.buffers)
+        accuracy, loss = self._central_eval
+        if not math.isfinite(loss) and self.job.evaluate is not None:
+            accuracy, loss = self.job.evaluate(self.params, self.buffers)
         return GlobalModel(self.params, self.velocity, self.buffers, accuracy, loss)
 
-    def _run_round(self, number: int) -> None:
+    def _open_round(self, number: int, sampled: frozenset[int], task: pb.RoundTask) -> tuple[OpenRound, RoundLedger]:
+        """Open a round for the current model, wait until every sampled worker answered or the deadline
+        passed, close it; returns the closed round and its byte ledger."""
+        snapshot = RoundTaskSnapshot(task=task, model=[EncodedTensor.of(t) for t in (*self.params, *self.buffers)])
+        started = time.monotonic()
         with self._cond:
-            present = sorted(self._present)
-        sampled = frozenset(sample_workers(present, self.config.fraction, self.config.seed, number))
+            self._round = OpenRound(number, sampled, started + self.config.round_timeout, snapshot, started)
+            self._cond.notify_all()
+            while self._round.waiting_for() and time.monotonic() < self._round.deadline:
+                self._cond.wait(self._round.deadline - time.monotonic())
+            closed, self._round = self._round, None
+            ledger, self._ledger = self._ledger, RoundLedger()
+        return closed, ledger
+
+    def _round_task(self, number: int, **flags: bool) -> pb.RoundTask:
         c = self.config
         settings = pb.TrainSettings(
             local_steps=c.local_steps, batch_size=c.batch_size, local_lr=c.local_lr, delta=c.delta,
@@ -417,19 +491,39 @@ class Coordinator:
             codec=self.rules.codec, topk_fraction=c.topk_fraction, quantization_levels=c.quantization_levels,
             lowrank_rank=c.lowrank_rank, compressor_memory=c.compressor_memory,
         )
-        task = pb.RoundTask(round=number, total_rounds=c.rounds, settings=settings,
-                            num_tensors=len(self.params) + len(self.buffers),
-                            seconds_to_deadline=c.round_timeout,
-                            checkpointed_round=self._checkpointed if c.checkpoint_every else number - 1)
-        snapshot = RoundTaskSnapshot(task=task, model=[EncodedTensor.of(t) for t in (*self.params, *self.buffers)])
-        started = time.monotonic()
+        return pb.RoundTask(round=number, total_rounds=c.rounds, settings=settings,
+                            num_tensors=len(self.params) + len(self.buffers), seconds_to_deadline=c.round_timeout,
+                            checkpointed_round=self._checkpointed if c.checkpoint_every else number - 1, **flags)
+
+    def _federated(self, closed: OpenRound, model_round: int) -> FederatedEvaluation | None:
+        """The average of the closed round's evaluation reports (None if it asked for none)."""
+        task = closed.snapshot.task
+        if not (task.evaluate or task.evaluate_only):
+            return None
+        result = aggregate_evaluations(model_round, [closed.evaluations[w] for w in sorted(closed.evaluations)])
+        log.info("federated evaluation of the model after round %d: loss %.4f, accuracy %.4f over %d samples of "
+                 "%d workers (%d of %d asked reported)", model_round, result.loss, result.accuracy,
+                 result.num_samples, result.workers, len(closed.evaluations), len(closed.sampled))
+        return result
+
+    def _final_evaluation(self, number: int) -> tuple[FederatedEvaluation, OpenRound, RoundLedger]:
+        """After the last training round: every joined worker evaluates the final model."""
         with self._cond:
-            self._round = OpenRound(number, sampled, started + c.round_timeout, snapshot, started)
-            self._cond.notify_all()
-            while not sampled <= self._round.accepted.keys() and time.monotonic() < self._round.deadline:
-                self._cond.wait(self._round.deadline - time.monotonic())
-            closed, self._round = self._round, None
-            ledger, self._ledger = self._ledger, RoundLedger()
+            present = frozenset(self._present)
+        closed, ledger = self._open_round(number + 1, present, self._round_task(number + 1, evaluate_only=True))
+        return self._federated(closed, number), closed, ledger
+
+    def _run_round(self, number: int) -> None:
+        c = self.config
+        with self._cond:
+            present = sorted(self._present)
+        sampled = frozenset(sample_workers(present, c.fraction, c.seed, number))
+        period = self._eval_period
+        # The final model is evaluated by an evaluation-only round instead of the next round's workers.
+        evaluate = bool(period) and number < c.rounds and (number - 1) % period == 0
+        started = time.monotonic()
+        closed, ledger = self._open_round(number, sampled, self._round_task(number, evaluate=evaluate))
+        federated = self._federated(closed, number - 1)
         participants = sorted(closed.accepted)
         previous = self._model_before_round()
         outcome = None
@@ -437,24 +531,38 @@ class Coordinator:
             updates = [closed.accepted[w] for w in participants]
             outcome = aggregate_round(previous, [u.gradient for u in updates], [u.buffers for u in updates],
                                       [u.num_samples for u in updates], c.robust_rule, c.effective_server_lr,
-                                      c.server_momentum, self._evaluate if self.test_data is not None else None)
+                                      c.server_momentum, self.job.evaluate)
             if outcome.refusal:
                 log.warning("round %d discarded, the previous model is kept: %s", number, outcome.refusal)
             kept = outcome.model
             self.params, self.velocity, self.buffers = kept.params, kept.velocity, kept.buffers
-            accuracy, loss = kept.accuracy, kept.loss
+            central = (kept.accuracy, kept.loss)
             weights = aggregation_weights([u.num_samples for u in updates])
             train_loss = float(sum(w * u.train_loss for w, u in zip(weights, updates)))
         else:
             log.warning("round %d: no update arrived before the deadline; model unchanged", number)
-            accuracy, loss = previous.accuracy, previous.loss
+            central = (previous.accuracy, previous.loss)
             train_loss = math.nan
+        equivalent_bytes = closed.equivalent_bytes
+        if period and number == c.rounds:
+            federated, final, final_ledger = self._final_evaluation(number)
+            ledger.merge(final_ledger)
+            equivalent_bytes += final.equivalent_bytes
+        if self.job.evaluate is not None:
+            evaluated = Evaluated(*central, "central", number)
+        elif federated is not None:
+            evaluated = Evaluated(federated.accuracy, federated.loss, "federated", federated.model_round)
+        else:
+            evaluated = None
         with self._cond:
             self._completed = number
-            self._last_eval = (accuracy, loss)
+            self._central_eval = central
+            if evaluated is not None:
+                self._last_eval = evaluated
         missing = sorted(sampled - set(participants))
         if missing:
             log.warning("round %d closed without workers %s", number, missing)
+        accuracy, loss = (evaluated.accuracy, evaluated.loss) if evaluated else (math.nan, math.nan)
         record = {
             "round": number,
             "sampled": sorted(sampled),
@@ -462,9 +570,15 @@ class Coordinator:
             "missing": missing,
             "test_accuracy": accuracy,
             "test_loss": loss,
+            # Where the test figures come from ("central", "federated"; null: none this round) and which
+            # model they describe (the global model after this many rounds).
+            "test_source": evaluated.source if evaluated else None,
+            "test_model_round": evaluated.model_round if evaluated else None,
+            "federated_evaluation": federated.as_record() if federated else None,
             "train_loss": train_loss,
+            "samples_by_worker": {str(w): closed.accepted[w].num_samples for w in participants},
             **ledger.as_record(),
-            "full_equivalent_uplink_bytes": closed.equivalent_bytes,
+            "full_equivalent_uplink_bytes": equivalent_bytes,
             "floats_uploaded": sum(u.floats_uploaded for u in closed.accepted.values()),
             "full_equivalent_floats": len(participants) * sum(p.numel() for p in self.params),
             "full_units": sum(u.full_units for u in closed.accepted.values()),

@@ -18,7 +18,8 @@ from lbgm.common.grpc_options import (
 )
 from lbgm.server.limits import LatestCalls, poll_window
 from lbgm.server.registry import AuthError, FederationFull, WorkerRecord, check_worker_name
-from lbgm.server.rounds import Coordinator, RoundTaskSnapshot
+from lbgm.common.model_spec import specs_from_proto
+from lbgm.server.rounds import Coordinator, ModelRefused, RoundTaskSnapshot
 from lbgm.server.updates import UpdateRejected
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
@@ -29,7 +30,9 @@ UNAUTHENTICATED_WORKER = 0  # byte counters' slot for callers that never proved 
 PEER_NAME_KEY = "x509_common_name"  # auth-context property: subject CN of the verified client certificate
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name
 GET_TASK, SUBMIT_UPDATE = f"/{SERVICE_NAME}/GetTask", f"/{SERVICE_NAME}/SubmitUpdate"
-WORKER_METHODS = frozenset({GET_TASK, SUBMIT_UPDATE})  # the calls that act as a worker (lbgm.server.callguard)
+SUBMIT_EVALUATION = f"/{SERVICE_NAME}/SubmitEvaluation"
+# The calls that act as a worker (lbgm.server.callguard)
+WORKER_METHODS = frozenset({GET_TASK, SUBMIT_UPDATE, SUBMIT_EVALUATION})
 
 STATUS_OF_REASON = {
     pb.ErrorDetail.STALE_LBG: grpc.StatusCode.FAILED_PRECONDITION,
@@ -38,6 +41,7 @@ STATUS_OF_REASON = {
     pb.ErrorDetail.DUPLICATE: grpc.StatusCode.ALREADY_EXISTS,
     pb.ErrorDetail.MALFORMED: grpc.StatusCode.INVALID_ARGUMENT,
     pb.ErrorDetail.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    pb.ErrorDetail.MODEL_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -131,28 +135,41 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 
         return self.running.enter((record.worker_id, method), superseded)
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+    def _check_joiner(self, what: str, worker_name: str, protocol: str, context: grpc.ServicerContext) -> None:
+        """What GetExperiment and Join both require: the join token, this protocol, a valid worker name and,
+        with mutual TLS, a client certificate for that name."""
         if self.join_token is not None and not secret_matches(metadata_value(context, JOIN_TOKEN_KEY), self.join_token):
-            log.warning("refused a join from %s: no or a wrong join token", context.peer())
+            log.warning("refused a %s from %s: no or a wrong join token", what, context.peer())
             self._refuse_unauthenticated(context, f"this server admits workers that send its join token in the "
                                                   f"{JOIN_TOKEN_KEY} call metadata; the token is missing or wrong")
-        if request.protocol != PROTOCOL:
+        if protocol != PROTOCOL:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"server speaks {PROTOCOL}, worker asked for {request.protocol!r}")
+                          f"server speaks {PROTOCOL}, worker asked for {protocol!r}")
         try:
-            check_worker_name(request.worker_name)
+            check_worker_name(worker_name)
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        self._check_peer(request.worker_name, context)
+        self._check_peer(worker_name, context)
+
+    def GetExperiment(self, request: pb.ExperimentRequest, context: grpc.ServicerContext) -> pb.ExperimentSpec:
+        self._check_joiner("request for the experiment", request.worker_name, request.protocol, context)
+        return self.coordinator.experiment_spec()
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        self._check_joiner("join", request.worker_name, request.protocol, context)
         try:
-            record, versions, last_accepted = self.coordinator.join(request.worker_name)
+            record, versions, last_accepted = self.coordinator.join(request.worker_name,
+                                                                    specs_from_proto(request.model_tensors))
+        except ModelRefused as error:
+            log.warning("refused a join: %s", error)
+            abort(context, pb.ErrorDetail.MODEL_MISMATCH, str(error))
         except FederationFull as error:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return pb.JoinReply(
             worker_id=record.worker_id, token=record.token, shard_index=record.shard_index,
-            experiment=self.coordinator.experiment_spec(record.shard_index),
+            experiment=self.coordinator.experiment_spec(),
             lbg_versions=[pb.UnitVersion(unit=u, version=v) for u, v in sorted(versions.items())],
             last_accepted_round=last_accepted,
         )
@@ -199,6 +216,16 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             abort(context, error.reason, str(error), error.stale_units, self.coordinator.status().round)
         return pb.UpdateAck(round=update.header.round, full_units=accepted.full_units,
                             scalar_units=accepted.scalar_units)
+
+    def SubmitEvaluation(self, request: pb.EvaluationReport, context: grpc.ServicerContext) -> pb.EvaluationAck:
+        record = self._caller(context)
+        self._check_body_names(record, request.worker_id, request.token, "EvaluationReport", context)
+        try:
+            self.coordinator.submit_evaluation(record.worker_id, request, wire_size(request))
+        except UpdateRejected as error:
+            log.warning("refused evaluation from worker %d for round %d: %s", record.worker_id, request.round, error)
+            abort(context, error.reason, str(error), current_round=self.coordinator.status().round)
+        return pb.EvaluationAck(round=request.round)
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         if request.include_state_digest:

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 import torch
 
 from lbgm.common.config import ExperimentConfig
+from lbgm.common.model_spec import describe_model
 from lbgm.common.robust import GlobalModel, aggregate_round
 from lbgm.common.wire import ReceivedUpdate
 from lbgm.server.evaluation import load_state
 from lbgm.server.mirrors import MirrorStore
-from lbgm.server.rounds import WIRE_DTYPES, shard_data, upload_rules
+from lbgm.server.job import shard_data
+from lbgm.server.rounds import WIRE_DTYPES, upload_rules
 from lbgm.server.sampling import sample_workers
 from lbgm.server.updates import judge_update
 from lbgm.v1 import lbgm_pb2 as pb
@@ -52,7 +54,7 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
     test = task.test_data(config.data_path) if task.test_data is not None and task.evaluate is not None else None
     params = [p.detach().clone() for p in model.parameters()]
     buffers = [b.detach().clone() for b in model.buffers()]
-    rules = upload_rules(config, model)
+    rules = upload_rules(config, describe_model(model))
     wire_dtype = WIRE_DTYPES[config.wire_dtype]
     workers = {
         shard + 1: SimulatedWorker(

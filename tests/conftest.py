@@ -13,6 +13,7 @@ import pytest
 
 from lbgm.common.codec import tensor_to_bytes
 from lbgm.common.config import ExperimentConfig, config_to_toml
+from lbgm.common.grpc_options import PROTOCOL
 from lbgm.common.state_files import lbgs_from_state, load
 
 # Small, fast settings: the MLP with the reference preset (one full-shard batch per round).
@@ -21,6 +22,15 @@ FAST = dict(model="mlp", local_steps=1, batch_size=0, local_lr=0.5, round_timeou
 
 def lbgm(*args: str) -> list[str]:
     return [sys.executable, "-m", "lbgm.cli", *args]
+
+
+def join_request(stub, name: str, metadata=None, pb=None, protocol: str = PROTOCOL):
+    """A JoinRequest as an honest worker sends it: with the model the server's experiment describes
+    (asked with GetExperiment first). `pb` is the message module (a test may build its own from the .proto)."""
+    from lbgm.v1 import lbgm_pb2
+    pb = pb or lbgm_pb2
+    spec = stub.GetExperiment(pb.ExperimentRequest(worker_name=name, protocol=protocol), timeout=10, metadata=metadata)
+    return pb.JoinRequest(worker_name=name, protocol=protocol, model_tensors=spec.model_tensors)
 
 
 @dataclass

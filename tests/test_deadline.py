@@ -9,11 +9,10 @@ import time
 import grpc
 
 from lbgm.common.config import ExperimentConfig
-from lbgm.common.grpc_options import PROTOCOL
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
-from conftest import FAST, start_server, start_worker
+from conftest import FAST, join_request, start_server, start_worker
 
 DEADLINE = 3.0
 CONFIG = ExperimentConfig(name="deadline", workers=2, rounds=3, delta=0.5, **{**FAST, "round_timeout": DEADLINE})
@@ -24,8 +23,8 @@ def test_silent_worker_is_left_out_at_the_deadline(tmp_path, processes):
     processes.append(server.process)
     with grpc.insecure_channel(server.target) as channel:
         # Joins (so it is sampled every round) and then never asks for work.
-        silent = pb_grpc.AggregatorStub(channel).Join(pb.JoinRequest(worker_name="silent", protocol=PROTOCOL),
-                                                       timeout=10)
+        stub = pb_grpc.AggregatorStub(channel)
+        silent = stub.Join(join_request(stub, "silent"), timeout=10)
         processes.append(start_worker(tmp_path, server.target, "diligent"))
         started = time.monotonic()
         assert server.process.wait(timeout=120) == 0, server.log()

@@ -42,7 +42,7 @@ from grpc_tools import protoc
 
 from lbgm.common.config import ExperimentConfig
 
-from conftest import FAST, ServerProcess, start_server, start_worker
+from conftest import FAST, ServerProcess, join_request, start_server, start_worker
 
 PROTO = Path(__file__).resolve().parents[1] / "proto" / "lbgm" / "v1" / "lbgm.proto"
 CONFIG = ExperimentConfig(name="hostile", workers=3, min_workers=1, rounds=3, **{**FAST, "round_timeout": 120.0})
@@ -134,7 +134,7 @@ class Federation:
 
 
 def join(stub, pb, name: str) -> Identity:
-    reply = stub.Join(pb.JoinRequest(worker_name=name, protocol="lbgm.v1"), timeout=30)
+    reply = stub.Join(join_request(stub, name, pb=pb, protocol="lbgm.v1.1"), timeout=30)
     return Identity(name, reply.worker_id, reply.token)
 
 

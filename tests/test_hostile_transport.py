@@ -23,7 +23,7 @@ from lbgm.common.config import ExperimentConfig
 from lbgm.common.lookback import LookbackGradient
 from lbgm.tasks.models import build_model
 from lbgm.common.grpc_options import (
-    CHANNEL_OPTIONS, JOIN_TOKEN_KEY, OPERATOR_TOKEN_KEY, PROTOCOL, WORKER_ID_KEY, worker_metadata,
+    CHANNEL_OPTIONS, JOIN_TOKEN_KEY, OPERATOR_TOKEN_KEY, WORKER_ID_KEY, worker_metadata,
 )
 from lbgm.server.app import Access, start_server as start_in_process
 from lbgm.server.limits import CallLimits
@@ -33,7 +33,7 @@ from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 from lbgm.worker.client import error_detail
 
-from conftest import FAST, lbgm, start_server, start_worker
+from conftest import FAST, join_request, lbgm, start_server, start_worker
 
 JOIN_TOKEN = "join-token-for-the-hostile-transport-tests"
 OPERATOR_TOKEN = "operator-token-for-the-hostile-transport-tests"
@@ -42,7 +42,7 @@ SERVICE = "/lbgm.v1.Aggregator"
 
 def join(stub: pb_grpc.AggregatorStub, name: str, token: str | None = JOIN_TOKEN) -> pb.JoinReply:
     metadata = ((JOIN_TOKEN_KEY, token.encode()),) if token is not None else None
-    return stub.Join(pb.JoinRequest(worker_name=name, protocol=PROTOCOL), timeout=10, metadata=metadata)
+    return stub.Join(join_request(stub, name, metadata), timeout=10, metadata=metadata)
 
 
 def poll(stub: pb_grpc.AggregatorStub, reply: pb.JoinReply, wait: float, timeout: float = 10.0) -> list[pb.TaskPart]:

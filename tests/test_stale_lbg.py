@@ -19,7 +19,7 @@ from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 from lbgm.worker.client import VirtualWorker, error_detail
 
-from conftest import FAST, start_server
+from conftest import FAST, join_request, start_server
 
 # delta = 1 makes every unit with an LBG go as a scalar, so round 2 is all scalars.
 CONFIG = ExperimentConfig(name="stale", workers=1, rounds=3, delta=1.0, **FAST)
@@ -93,7 +93,7 @@ def test_health_and_reflection_are_served(server):
 def test_wrong_token_and_unknown_worker_are_unauthenticated(server):
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.AggregatorStub(channel)
-        reply = stub.Join(pb.JoinRequest(worker_name="w", protocol=PROTOCOL), timeout=10)
+        reply = stub.Join(join_request(stub, "w"), timeout=10)
         for worker_id, token in ((reply.worker_id, b"not-the-token"), (99, reply.token)):
             with pytest.raises(grpc.RpcError) as refused:
                 list(stub.GetTask(pb.TaskRequest(worker_id=worker_id, token=token), timeout=10,
@@ -109,9 +109,9 @@ def test_protocol_mismatch_and_full_federation_are_refused(server):
         with pytest.raises(grpc.RpcError) as refused:
             stub.Join(pb.JoinRequest(worker_name="old", protocol="lbgm.v0"), timeout=10)
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        stub.Join(pb.JoinRequest(worker_name="first", protocol=PROTOCOL), timeout=10)
+        stub.Join(join_request(stub, "first"), timeout=10)
         with pytest.raises(grpc.RpcError) as refused:
-            stub.Join(pb.JoinRequest(worker_name="second", protocol=PROTOCOL), timeout=10)
+            stub.Join(join_request(stub, "second"), timeout=10)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 

@@ -14,14 +14,14 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from lbgm.common.config import ExperimentConfig
-from lbgm.common.grpc_options import PROTOCOL, WORKER_ID_KEY, worker_metadata
+from lbgm.common.grpc_options import WORKER_ID_KEY, worker_metadata
 from lbgm.common.tls import ChannelTls, channel_credentials, is_loopback, open_channel, worker_cert_paths
 from lbgm.common.wire import update_parts
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 from lbgm.worker.client import error_detail
 
-from conftest import FAST, ServerProcess, lbgm, start_server, start_worker
+from conftest import FAST, ServerProcess, join_request, lbgm, start_server, start_worker
 
 CONFIG = ExperimentConfig(name="mtls", workers=2, rounds=2, **FAST)
 # The probed server must outlive every probe: its one round waits for uploads that never come.
@@ -68,7 +68,8 @@ def as_worker(server: ServerProcess, pki: Path, name: str) -> grpc.Channel:
 
 
 def join(channel: grpc.Channel, name: str) -> pb.JoinReply:
-    return pb_grpc.AggregatorStub(channel).Join(pb.JoinRequest(worker_name=name, protocol=PROTOCOL), timeout=10)
+    stub = pb_grpc.AggregatorStub(channel)
+    return stub.Join(join_request(stub, name), timeout=10)
 
 
 def assert_unauthenticated(refused: pytest.ExceptionInfo, message: str) -> None:

@@ -62,6 +62,16 @@ class TensorChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
+    __slots__ = ("worker_name", "protocol", "model_tensors")
+    WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    worker_name: str
+    protocol: str
+    model_tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, worker_name: _Optional[str] = ..., protocol: _Optional[str] = ..., model_tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+
+class ExperimentRequest(_message.Message):
     __slots__ = ("worker_name", "protocol")
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
@@ -170,20 +180,24 @@ class TrainSettings(_message.Message):
     def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_lr: _Optional[float] = ..., delta: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., error_feedback: _Optional[bool] = ..., codec: _Optional[_Union[Codec, str]] = ..., topk_fraction: _Optional[float] = ..., quantization_levels: _Optional[int] = ..., lowrank_rank: _Optional[int] = ..., compressor_memory: _Optional[bool] = ...) -> None: ...
 
 class RoundTask(_message.Message):
-    __slots__ = ("round", "total_rounds", "settings", "num_tensors", "seconds_to_deadline", "checkpointed_round")
+    __slots__ = ("round", "total_rounds", "settings", "num_tensors", "seconds_to_deadline", "checkpointed_round", "evaluate", "evaluate_only")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_TO_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     round: int
     total_rounds: int
     settings: TrainSettings
     num_tensors: int
     seconds_to_deadline: float
     checkpointed_round: int
-    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., num_tensors: _Optional[int] = ..., seconds_to_deadline: _Optional[float] = ..., checkpointed_round: _Optional[int] = ...) -> None: ...
+    evaluate: bool
+    evaluate_only: bool
+    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., num_tensors: _Optional[int] = ..., seconds_to_deadline: _Optional[float] = ..., checkpointed_round: _Optional[int] = ..., evaluate: _Optional[bool] = ..., evaluate_only: _Optional[bool] = ...) -> None: ...
 
 class ModelTensor(_message.Message):
     __slots__ = ("index", "meta", "data")
@@ -281,6 +295,37 @@ class UpdateAck(_message.Message):
     scalar_units: int
     def __init__(self, round: _Optional[int] = ..., full_units: _Optional[int] = ..., scalar_units: _Optional[int] = ...) -> None: ...
 
+class EvaluationReport(_message.Message):
+    __slots__ = ("worker_id", "token", "round", "num_samples", "loss", "accuracy", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    token: bytes
+    round: int
+    num_samples: int
+    loss: float
+    accuracy: float
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, worker_id: _Optional[int] = ..., token: _Optional[bytes] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class EvaluationAck(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
 class ErrorDetail(_message.Message):
     __slots__ = ("reason", "stale_units", "current_round")
     class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -292,6 +337,7 @@ class ErrorDetail(_message.Message):
         UNAUTHENTICATED: _ClassVar[ErrorDetail.Reason]
         DUPLICATE: _ClassVar[ErrorDetail.Reason]
         NOT_SAMPLED: _ClassVar[ErrorDetail.Reason]
+        MODEL_MISMATCH: _ClassVar[ErrorDetail.Reason]
     REASON_UNSPECIFIED: ErrorDetail.Reason
     STALE_LBG: ErrorDetail.Reason
     ROUND_CLOSED: ErrorDetail.Reason
@@ -299,6 +345,7 @@ class ErrorDetail(_message.Message):
     UNAUTHENTICATED: ErrorDetail.Reason
     DUPLICATE: ErrorDetail.Reason
     NOT_SAMPLED: ErrorDetail.Reason
+    MODEL_MISMATCH: ErrorDetail.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     STALE_UNITS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -314,7 +361,7 @@ class StatusRequest(_message.Message):
     def __init__(self, include_state_digest: _Optional[bool] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("round", "total_rounds", "workers_joined", "test_accuracy", "test_loss", "uplink_bytes", "downlink_bytes", "finished", "completed_rounds", "state_digest")
+    __slots__ = ("round", "total_rounds", "workers_joined", "test_accuracy", "test_loss", "uplink_bytes", "downlink_bytes", "finished", "completed_rounds", "state_digest", "evaluation", "evaluated_model_round")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_JOINED_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +372,8 @@ class StatusReply(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_MODEL_ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
     total_rounds: int
     workers_joined: int
@@ -335,4 +384,6 @@ class StatusReply(_message.Message):
     finished: bool
     completed_rounds: int
     state_digest: str
-    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., workers_joined: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., uplink_bytes: _Optional[int] = ..., downlink_bytes: _Optional[int] = ..., finished: _Optional[bool] = ..., completed_rounds: _Optional[int] = ..., state_digest: _Optional[str] = ...) -> None: ...
+    evaluation: str
+    evaluated_model_round: int
+    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., workers_joined: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., uplink_bytes: _Optional[int] = ..., downlink_bytes: _Optional[int] = ..., finished: _Optional[bool] = ..., completed_rounds: _Optional[int] = ..., state_digest: _Optional[str] = ..., evaluation: _Optional[str] = ..., evaluated_model_round: _Optional[int] = ...) -> None: ...

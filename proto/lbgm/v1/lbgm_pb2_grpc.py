@@ -28,15 +28,17 @@ if _version_not_supported:
 class AggregatorStub:
     """Credentials travel in call metadata, so the server checks them before it
     reads a message (a missing or wrong one: UNAUTHENTICATED):
-    - Join: `lbgm-join-token-bin`, the enrollment secret, if the server has one.
-    - GetTask, SubmitUpdate: `lbgm-worker-id` (decimal) and `lbgm-token-bin`,
-    the worker id and token of JoinReply; the ids and tokens inside
-    TaskRequest and UpdateHeader must be the same.
+    - GetExperiment, Join: `lbgm-join-token-bin`, the enrollment secret, if
+    the server has one.
+    - GetTask, SubmitUpdate, SubmitEvaluation: `lbgm-worker-id` (decimal) and
+    `lbgm-token-bin`, the worker id and token of JoinReply; the ids and
+    tokens inside TaskRequest, UpdateHeader and EvaluationReport must be the
+    same.
     - GetStatus with include_state_digest: `lbgm-operator-token-bin`.
     Each message of a call, in either direction, must cross within the
     server's stall timeout (default 60 s), else the call is cancelled. A
-    worker runs one GetTask and one SubmitUpdate at a time: a newer call of
-    the same kind cancels the older one.
+    worker runs one GetTask, one SubmitUpdate and one SubmitEvaluation at a
+    time: a newer call of the same kind cancels the older one.
     """
 
     def __init__(self, channel):
@@ -45,6 +47,11 @@ class AggregatorStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.GetExperiment = channel.unary_unary(
+                '/lbgm.v1.Aggregator/GetExperiment',
+                request_serializer=lbgm_dot_v1_dot_lbgm__pb2.ExperimentRequest.SerializeToString,
+                response_deserializer=lbgm_dot_v1_dot_lbgm__pb2.ExperimentSpec.FromString,
+                _registered_method=True)
         self.Join = channel.unary_unary(
                 '/lbgm.v1.Aggregator/Join',
                 request_serializer=lbgm_dot_v1_dot_lbgm__pb2.JoinRequest.SerializeToString,
@@ -60,6 +67,11 @@ class AggregatorStub:
                 request_serializer=lbgm_dot_v1_dot_lbgm__pb2.UpdatePart.SerializeToString,
                 response_deserializer=lbgm_dot_v1_dot_lbgm__pb2.UpdateAck.FromString,
                 _registered_method=True)
+        self.SubmitEvaluation = channel.unary_unary(
+                '/lbgm.v1.Aggregator/SubmitEvaluation',
+                request_serializer=lbgm_dot_v1_dot_lbgm__pb2.EvaluationReport.SerializeToString,
+                response_deserializer=lbgm_dot_v1_dot_lbgm__pb2.EvaluationAck.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/lbgm.v1.Aggregator/GetStatus',
                 request_serializer=lbgm_dot_v1_dot_lbgm__pb2.StatusRequest.SerializeToString,
@@ -70,20 +82,34 @@ class AggregatorStub:
 class AggregatorServicer:
     """Credentials travel in call metadata, so the server checks them before it
     reads a message (a missing or wrong one: UNAUTHENTICATED):
-    - Join: `lbgm-join-token-bin`, the enrollment secret, if the server has one.
-    - GetTask, SubmitUpdate: `lbgm-worker-id` (decimal) and `lbgm-token-bin`,
-    the worker id and token of JoinReply; the ids and tokens inside
-    TaskRequest and UpdateHeader must be the same.
+    - GetExperiment, Join: `lbgm-join-token-bin`, the enrollment secret, if
+    the server has one.
+    - GetTask, SubmitUpdate, SubmitEvaluation: `lbgm-worker-id` (decimal) and
+    `lbgm-token-bin`, the worker id and token of JoinReply; the ids and
+    tokens inside TaskRequest, UpdateHeader and EvaluationReport must be the
+    same.
     - GetStatus with include_state_digest: `lbgm-operator-token-bin`.
     Each message of a call, in either direction, must cross within the
     server's stall timeout (default 60 s), else the call is cancelled. A
-    worker runs one GetTask and one SubmitUpdate at a time: a newer call of
-    the same kind cancels the older one.
+    worker runs one GetTask, one SubmitUpdate and one SubmitEvaluation at a
+    time: a newer call of the same kind cancels the older one.
     """
+
+    def GetExperiment(self, request, context):
+        """The experiment a worker must build its model for (task options, seed,
+        the server's model description), without joining: nothing changes on
+        the server. The same checks as Join (join token, protocol, name, client
+        certificate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Join(self, request, context):
         """Register (or re-register) a worker; returns its identity and the
-        experiment it takes part in.
+        experiment it takes part in. A worker whose model differs from the
+        server's (names, shapes, dtypes) is refused with FAILED_PRECONDITION
+        and MODEL_MISMATCH naming every difference, before it takes a slot.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +133,14 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitEvaluation(self, request, context):
+        """Report the evaluation of a RoundTask's model on the worker's held-out
+        data, when the task asks for one (RoundTask.evaluate, evaluate_only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Read-only view of the run for progress bars and `lbgm status`.
         """
@@ -117,6 +151,11 @@ class AggregatorServicer:
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'GetExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperiment,
+                    request_deserializer=lbgm_dot_v1_dot_lbgm__pb2.ExperimentRequest.FromString,
+                    response_serializer=lbgm_dot_v1_dot_lbgm__pb2.ExperimentSpec.SerializeToString,
+            ),
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
                     request_deserializer=lbgm_dot_v1_dot_lbgm__pb2.JoinRequest.FromString,
@@ -131,6 +170,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.SubmitUpdate,
                     request_deserializer=lbgm_dot_v1_dot_lbgm__pb2.UpdatePart.FromString,
                     response_serializer=lbgm_dot_v1_dot_lbgm__pb2.UpdateAck.SerializeToString,
+            ),
+            'SubmitEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitEvaluation,
+                    request_deserializer=lbgm_dot_v1_dot_lbgm__pb2.EvaluationReport.FromString,
+                    response_serializer=lbgm_dot_v1_dot_lbgm__pb2.EvaluationAck.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -148,16 +192,45 @@ def add_AggregatorServicer_to_server(servicer, server):
 class Aggregator:
     """Credentials travel in call metadata, so the server checks them before it
     reads a message (a missing or wrong one: UNAUTHENTICATED):
-    - Join: `lbgm-join-token-bin`, the enrollment secret, if the server has one.
-    - GetTask, SubmitUpdate: `lbgm-worker-id` (decimal) and `lbgm-token-bin`,
-    the worker id and token of JoinReply; the ids and tokens inside
-    TaskRequest and UpdateHeader must be the same.
+    - GetExperiment, Join: `lbgm-join-token-bin`, the enrollment secret, if
+    the server has one.
+    - GetTask, SubmitUpdate, SubmitEvaluation: `lbgm-worker-id` (decimal) and
+    `lbgm-token-bin`, the worker id and token of JoinReply; the ids and
+    tokens inside TaskRequest, UpdateHeader and EvaluationReport must be the
+    same.
     - GetStatus with include_state_digest: `lbgm-operator-token-bin`.
     Each message of a call, in either direction, must cross within the
     server's stall timeout (default 60 s), else the call is cancelled. A
-    worker runs one GetTask and one SubmitUpdate at a time: a newer call of
-    the same kind cancels the older one.
+    worker runs one GetTask, one SubmitUpdate and one SubmitEvaluation at a
+    time: a newer call of the same kind cancels the older one.
     """
+
+    @staticmethod
+    def GetExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lbgm.v1.Aggregator/GetExperiment',
+            lbgm_dot_v1_dot_lbgm__pb2.ExperimentRequest.SerializeToString,
+            lbgm_dot_v1_dot_lbgm__pb2.ExperimentSpec.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Join(request,
@@ -230,6 +303,33 @@ class Aggregator:
             '/lbgm.v1.Aggregator/SubmitUpdate',
             lbgm_dot_v1_dot_lbgm__pb2.UpdatePart.SerializeToString,
             lbgm_dot_v1_dot_lbgm__pb2.UpdateAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lbgm.v1.Aggregator/SubmitEvaluation',
+            lbgm_dot_v1_dot_lbgm__pb2.EvaluationReport.SerializeToString,
+            lbgm_dot_v1_dot_lbgm__pb2.EvaluationAck.FromString,
             options,
             channel_credentials,
             insecure,
