@@ -18,8 +18,9 @@ steps theta <- theta - server_lr * sum_k n_k g_k / sum_k n_k; with server_lr = l
 that is theta <- sum_k n_k theta_local,k / sum_k n_k, i.e. FedAvg whatever optimizer the script uses
 (Adam, SGD with momentum, a scheduler, ...), and FedAvgM with server_momentum > 0.
 
-The server needs no copy of the script: it runs from a weights file (`lbgm server --weights FILE`,
-written by `save_weights(model, FILE)` or `lbgm init-weights`); every upload is checked against it.
+The server needs no copy of the script: it runs from a weights file (`lbgm server --weights FILE`)
+that `save_weights(model, FILE)` writes once from the script's model; every join and upload is
+checked against it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from lbgm.common.tls import ChannelTls, channel_credentials
+from lbgm.common.weights import save_weights
 from lbgm.common.wire import ReceivedTask
 from lbgm.task import LocalResult, Shard
 from lbgm.v1 import lbgm_pb2 as pb
@@ -316,4 +318,4 @@ def connect(model: nn.Module, *, server: str | None = None, name: str | None = N
     return Federation(model, settings, join_timeout=give_up_seconds + 30)
 
 
-__all__ = ["ClientError", "Federation", "RoundInfo", "connect"]
+__all__ = ["ClientError", "Federation", "RoundInfo", "connect", "save_weights"]
