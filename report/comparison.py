@@ -7,6 +7,7 @@ drawing plots, so the numbers in a report can be checked on hand-written records
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ class Row:
     settings: dict[str, Any]
     final_accuracy: float
     best_accuracy: float
+    final_loss: float  # the last recorded test loss
     uplink_bytes: int
     savings: Savings
     target: TargetHit | None
@@ -116,9 +118,15 @@ def build_rows(runs: Sequence[Run], target: float) -> list[Row]:
         rows.append(Row(
             name=run.name, settings={key: run.config.get(key) for key in keys},
             final_accuracy=totals["final_accuracy"], best_accuracy=totals["best_accuracy"],
-            uplink_bytes=totals["uplink_bytes"], savings=savings(run, runs),
+            final_loss=last_test_loss(run.records), uplink_bytes=totals["uplink_bytes"], savings=savings(run, runs),
             target=rounds_to_target(run.records, target)))
     return rows
+
+
+def last_test_loss(records: Sequence[dict[str, Any]]) -> float:
+    """The test loss of the last round that recorded one (NaN if none did)."""
+    losses = (record.get("test_loss", math.nan) for record in reversed(records))
+    return next((loss for loss in losses if math.isfinite(loss)), math.nan)
 
 
 def _cell(value: Any) -> str:
@@ -135,14 +143,18 @@ def _savings_cell(value: Savings) -> str:
 def format_table(rows: Sequence[Row], target: float) -> str:
     """The markdown table of a report, with footnotes for estimated savings."""
     keys = list(rows[0].settings) if rows else []
-    header = ["run", *keys, "final acc", "best acc", "uplink bytes", "savings vs delta=0",
-              f"rounds to {target:g}", f"uplink bytes to {target:g}"]
+    # A task that measures no accuracy (a regression, say): its test loss instead, and no target.
+    accuracy = any(math.isfinite(row.final_accuracy) for row in rows)
+    quality = ["final acc", "best acc"] if accuracy else ["final test loss"]
+    targets = [f"rounds to {target:g}", f"uplink bytes to {target:g}"] if accuracy else []
+    header = ["run", *keys, *quality, "uplink bytes", "savings vs delta=0", *targets]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         reached = ([str(row.target.round), f"{row.target.uplink_bytes:,}"] if row.target
                    else ["not reached", "not reached"])
-        cells = [row.name, *(_cell(row.settings[key]) for key in keys), f"{row.final_accuracy:.4f}",
-                 f"{row.best_accuracy:.4f}", f"{row.uplink_bytes:,}", _savings_cell(row.savings), *reached]
+        figures = [f"{row.final_accuracy:.4f}", f"{row.best_accuracy:.4f}"] if accuracy else [f"{row.final_loss:.4f}"]
+        cells = [row.name, *(_cell(row.settings[key]) for key in keys), *figures, f"{row.uplink_bytes:,}",
+                 _savings_cell(row.savings), *(reached if accuracy else [])]
         lines.append("| " + " | ".join(cells) + " |")
     notes = _footnotes(rows)
     return "\n".join([*lines, *([""] + notes if notes else [])]) + "\n"

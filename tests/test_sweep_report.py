@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from lbgm.cli import report, sweep
 from lbgm.cli.main import UsageError
 from lbgm.report.comparison import Savings, TargetHit, build_rows, format_table, rounds_to_target, savings
+from lbgm.report.plots import write_report
 from lbgm.report.runs import ReportError, Run, archive_runs, load_runs
 from lbgm.sweep.grid import SweepError, grid_configs, read_sweep_table, run_name
 from lbgm.sweep.runner import is_complete
@@ -108,6 +110,20 @@ def test_table_has_a_row_per_run_and_columns_only_for_settings_that_differ():
     assert "savings vs delta=0" in header
     assert lines[2].startswith("| a | 0.2 | 0 | 0.9500 | 0.9500 | 200 |") and lines[2].endswith("| 2 | 200 |")
     assert lines[3].endswith("| not reached | not reached |")
+
+
+def test_runs_without_accuracy_report_their_test_loss_in_the_table_and_the_plots(tmp_path):
+    """A regression task measures no accuracy: the table and the plots show the test loss instead."""
+    runs = [dataclasses.replace(run(name, [math.nan] * 3, uplink=uplink, delta=delta),
+                                records=tuple({**record(i, math.nan, uplink), "test_loss": 5.0 - i}
+                                              for i in range(1, 4)))
+            for name, delta, uplink in (("lbgm", 0.2, 60), ("fedavg", 0.0, 100))]
+    table = write_report(runs, tmp_path, 0.9, "regression")
+    lines = table.splitlines()
+    assert lines[0] == "| run | delta | final test loss | uplink bytes | savings vs delta=0 |"
+    assert lines[2] == "| lbgm | 0.2 | 2.0000 | 180 | 40.0% |"
+    for name in ("accuracy_vs_uplink.png", "accuracy_vs_rounds.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
 
 
 # ------------------------------------------------------------------ the grid
