@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import torch
 
 from lbgm.cli import analyze, certs, fetch, health, lab, report, sweep, weights
 from lbgm.cli.credentials import add_secret_arguments, read_secret
@@ -31,6 +32,7 @@ from lbgm.cli.options import EnvParser, UsageError, add_log_level, configure_log
 from lbgm.cli.transport import (add_client_tls_arguments, add_server_tls_arguments, client_tls, server_tls,
                                 worker_tls)
 from lbgm.common.config import ConfigError, add_config_arguments, config_from_args
+from lbgm.common.devices import DeviceError, local_device
 from lbgm.launch.federation import PlacementError, run_federation
 from lbgm.report.runs import ReportError
 from lbgm.sweep.grid import SweepError
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker OS processes; workers are spread over them as virtual workers "
                           "(default: one process per worker, at most 10)")
     run.add_argument("--out-dir", type=Path, default=Path("runs"), help="parent folder of run folders (default: runs)")
+    add_device_argument(run, "--device", "every worker's local training and LBGM decisions")
+    add_device_argument(run, "--server-device", "the server's central evaluation")
     add_log_level(run)
     add_config_arguments(run)
 
@@ -88,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "instead of staying in per-thread heaps: peak memory grows by about the mirrors alone "
                              "per worker, at the cost of longer rounds (docs/PERFORMANCE.md, Scale); "
                              "0 keeps glibc's adaptive threshold (default: 0)")
+    add_device_argument(server, "--device", "the central evaluation")
     add_server_tls_arguments(server)
     access = server.add_argument_group("access", "who may join, who may read the state digest, and how long a "
                                                  "call may stall (docs/SECURITY.md)")
@@ -123,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="virtual workers of this process that may train at the same time; each holds its own "
                              "activations, so memory grows with it (default: 1)")
     worker.add_argument("--torch-threads", type=int, default=1, help="intra-op threads for local training (default: 1)")
+    add_device_argument(worker, "--device", "local training and the LBGM decisions")
     add_client_tls_arguments(worker).add_argument(
         "--tls-cert-dir", type=Path,
         help="folder of client certificates as `lbgm certs` writes them: the virtual worker named X presents "
@@ -155,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_device_argument(parser: argparse.ArgumentParser, flag: str, what: str) -> None:
+    parser.add_argument(flag, default="cpu", metavar="DEVICE",
+                        help=f"torch device of {what}: auto (cuda if there is one, else mps, else cpu), cpu, cuda, "
+                             "cuda:N or mps; a choice of this process, not an experiment setting: CPU and GPU "
+                             "processes may mix in one federation (default: cpu)")
+
+
+def device_option(name: str, flag: str) -> torch.device:
+    """The device a --device flag names; a UsageError if this machine has no such device."""
+    try:
+        return local_device(name, flag)
+    except DeviceError as error:
+        raise UsageError(str(error)) from None
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from lbgm.server.app import Access, check_exposure, serve
     from lbgm.common.weights import WeightsError
@@ -166,6 +187,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         raise UsageError(f"--malloc-mmap-threshold must lie in [0, {MAX_MMAP_THRESHOLD}], "
                          f"got {args.malloc_mmap_threshold}")
     tls = server_tls(args)
+    eval_device = device_option(args.device, "--device")
     config = config_from_args(args)
     run_dir = args.out_dir / config.name
     resume = args.resume or (args.auto_resume and CheckpointStore.of_run(run_dir).exists())
@@ -179,15 +201,13 @@ def cmd_server(args: argparse.Namespace) -> int:
         log.warning("--malloc-mmap-threshold ignored: the C library is not glibc")
     try:
         serve(config, args.host, args.port, run_dir, args.port_file, access=access, resume=resume,
-              metrics_host=args.metrics_host or args.host, metrics_port=args.metrics_port)
+              metrics_host=args.metrics_host or args.host, metrics_port=args.metrics_port, eval_device=eval_device)
     except (CheckpointError, WeightsError) as error:
         raise UsageError(str(error)) from None
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import torch
-
     from lbgm.worker.app import run_virtual_workers
     from lbgm.worker.client import RetryPolicy
 
@@ -205,12 +225,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         check_worker_name(names[-1])  # the longest name
     except ValueError as error:
         raise UsageError(f"--name: {error}") from None
+    device = device_option(args.device, "--device")
     tls = worker_tls(args, names)
     join_token = read_secret(args, "join-token")
     torch.set_num_threads(max(1, args.torch_threads))
     return run_virtual_workers(args.server, names, args.data_dir, args.poll_seconds,
                                RetryPolicy(give_up_seconds=args.give_up_after), args.state_dir, tls,
-                               args.parallel_training, join_token, args.task)
+                               args.parallel_training, join_token, args.task, device)
 
 
 def fetch_status(target: str, timeout: float = 5.0, tls: ChannelTls | None = None,
@@ -248,8 +269,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    device_option(args.device, "--device")  # here, before anything starts; the processes resolve their own
+    device_option(args.server_device, "--server-device")
     config = config_from_args(args)
-    return run_federation(config, args.out_dir, args.processes, args.log_level, args.log_format)
+    return run_federation(config, args.out_dir, args.processes, args.log_level, args.log_format,
+                          server_args=("--device", args.server_device), worker_args=("--device", args.device))
 
 
 def main(argv: list[str] | None = None) -> int:

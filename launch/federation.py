@@ -99,18 +99,22 @@ class Placement:
     server_host: str = "127.0.0.1"
     server_prefix: tuple[str, ...] = ()
     server_args: tuple[str, ...] = ()
+    worker_args: tuple[str, ...] = ()  # further `lbgm worker` flags, the same for every worker process
     status_route: Callable[[str], AbstractContextManager[str]] = nullcontext
 
 
 def run_federation(config: ExperimentConfig, out_dir: Path, processes: int, log_level: str,
-                   log_format: str, resume: bool = False, server_args: Sequence[str] = ()) -> int:
+                   log_format: str, resume: bool = False, server_args: Sequence[str] = (),
+                   worker_args: Sequence[str] = ()) -> int:
     """`lbgm run`: the server and `processes` worker processes on this host; `resume` continues from the
-    run folder's checkpoint; `server_args` are further `lbgm server` flags."""
-    placement = local_placement(config.workers, processes, (*server_args, *(("--resume",) if resume else ())))
+    run folder's checkpoint; `server_args` and `worker_args` are further `lbgm server` and `lbgm worker` flags."""
+    placement = local_placement(config.workers, processes, (*server_args, *(("--resume",) if resume else ())),
+                                worker_args)
     return launch(config, out_dir, placement, log_level, "lbgm run", log_format)
 
 
-def local_placement(workers: int, processes: int, server_args: Sequence[str] = ()) -> Placement:
+def local_placement(workers: int, processes: int, server_args: Sequence[str] = (),
+                    worker_args: Sequence[str] = ()) -> Placement:
     """Every process on 127.0.0.1: the `workers` spread over `processes` worker processes (0: one per
     worker, at most MAX_DEFAULT_PROCESSES)."""
     processes = processes or min(workers, MAX_DEFAULT_PROCESSES)
@@ -118,7 +122,7 @@ def local_placement(workers: int, processes: int, server_args: Sequence[str] = (
         raise PlacementError(f"--processes must lie in [1, workers={workers}], got {processes}")
     groups = worker_groups(workers, processes)
     return Placement(tuple(WorkerProcess(f"proc{index}", count) for index, count in enumerate(groups)),
-                     server_args=tuple(server_args))
+                     server_args=tuple(server_args), worker_args=tuple(worker_args))
 
 
 @dataclass
@@ -193,7 +197,7 @@ def federation_processes(config: ExperimentConfig, out_dir: Path, placement: Pla
                  *_lbgm_command("worker", "--server", target, "--name", process.name,
                                 "--virtual-workers", str(process.virtual_workers),
                                 "--log-level", log_level, "--log-format", log_format,
-                                "--data-dir", config.data_dir, "--task", config.task)],
+                                "--data-dir", config.data_dir, "--task", config.task, *placement.worker_args)],
                 stdout=open(logs / f"worker-{index}.log", "w"), stderr=subprocess.STDOUT, env=child_env))
         yield Federation(server, children[1:], target, run_dir)
         grace_seconds = 15.0

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lbgm.common.config import ExperimentConfig
+from lbgm.common.devices import local_device
 from lbgm.common.state_files import load
 from lbgm.launch.federation import LaunchError, Placement, federation_processes, local_placement, log_tails
 from lbgm.server.evaluation import load_state
@@ -68,15 +69,19 @@ class FederationResult:
 @contextmanager
 def local_federation(task: str, workers: int = 4, rounds: int = 3, processes: int = 0, *,
                      out_dir: Path | None = None, timeout: float = 300.0, log_level: str = "INFO",
-                     **settings: Any) -> Iterator[FederationResult]:
+                     device: str = "cpu", server_device: str = "cpu", **settings: Any) -> Iterator[FederationResult]:
     """Runs `task` (package.module:name or path/to/file.py:name) with `workers` workers in `processes`
     worker processes (0: one per worker, at most 10) for `rounds` rounds, then yields its result.
+    The workers train on `device` and the server evaluates on `server_device` (auto, cpu, cuda, cuda:N,
+    mps; DeviceError if this machine has no such device, before any process starts).
     `settings` are further ExperimentConfig fields (delta, local_lr, seed, name, ...). The run folder is
     <out_dir>/<name>; without out_dir it is a temporary folder removed when the context exits. No process
     outlives the call: a failure stops them all and raises FederationError with their log tails; a task
     that does not load or build its model raises TaskError before any process starts."""
     config = ExperimentConfig(task=task, workers=workers, rounds=rounds, **{"name": "local-federation", **settings})
-    placement = local_placement(workers, processes)
+    local_device(device, "device")
+    local_device(server_device, "server_device")
+    placement = local_placement(workers, processes, ("--device", server_device), ("--device", device))
     with tempfile.TemporaryDirectory(prefix="lbgm-federation-") as temporary:
         root = Path(temporary) if out_dir is None else Path(out_dir)
         yield _run(config, root, placement, timeout, log_level)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
+import torch
 
 from lbgm.common.tls import ChannelTls
 from lbgm.task.loader import BUILTIN_TASK
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_seconds: float = 20.0,
                         retry: RetryPolicy = RetryPolicy(), state_dir: Path | None = None,
                         tls: Mapping[str, ChannelTls] | None = None, parallel_training: int = 1,
-                        join_token: bytes | None = None, task: str = BUILTIN_TASK) -> int:
+                        join_token: bytes | None = None, task: str = BUILTIN_TASK,
+                        device: torch.device = torch.device("cpu")) -> int:
     """Run every named virtual worker until training finishes; 0 if all ended cleanly.
 
     At most `parallel_training` of them train at the same moment: their uploads and downloads
@@ -29,7 +31,8 @@ def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_
 
     With `tls` every worker dials over TLS with the credentials under its name (with mutual TLS,
     its own client certificate); without, all dial plaintext. `join_token` is the server's
-    enrollment secret, if it has one. `task` is the reference of the task every virtual worker runs.
+    enrollment secret, if it has one. `task` is the reference of the task every virtual worker runs,
+    training and deciding on `device`.
     """
     stop = threading.Event()
     failures: list[str] = []
@@ -50,7 +53,8 @@ def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
     training_slots = threading.BoundedSemaphore(parallel_training)
-    job = task_job(task, data_dir)
+    job = task_job(task, data_dir, device)
+    log.info("training on %s", device)
     workers = [VirtualWorker(name, target, job, poll_seconds, retry, stop, state_dir,
                              tls[name] if tls is not None else None, training_slots, join_token)
                for name in names]

@@ -121,16 +121,16 @@ class LocalJob(Protocol):
 JobFactory = Callable[[pb.ExperimentSpec, int], LocalJob]  # (the server's experiment, shard index) -> the job
 
 
-def task_job(task: str = BUILTIN_TASK, data_dir: str = "") -> JobFactory:
+def task_job(task: str = BUILTIN_TASK, data_dir: str = "", device: torch.device = torch.device("cpu")) -> JobFactory:
     """Jobs that run the task `task` (a reference, lbgm.task.loader) on the worker's shard of the data
-    under `data_dir`, with the options the server's task was given."""
+    under `data_dir`, with the options the server's task was given, training on `device`."""
     def make(spec: pb.ExperimentSpec, shard_index: int) -> LocalTrainer:
         loaded = load_task(task, task_options(spec))
         model = build_model(loaded, spec.seed, task)
         check_model(spec, model, f"the model of task {task!r}")
         shard = Shard(shard_index, spec.num_shards, spec.seed, Path(data_dir) if data_dir else None)
         data = call_task(task, "train_data", loaded.train_data, shard)
-        return LocalTrainer(loaded, model, data, seed=local_seed(spec.seed, shard_index))
+        return LocalTrainer(loaded, model, data, seed=local_seed(spec.seed, shard_index), device=device)
     return make
 
 
