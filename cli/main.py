@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 def add_device_argument(parser: argparse.ArgumentParser, flag: str, what: str) -> None:
     parser.add_argument(flag, default="cpu", metavar="DEVICE",
                         help=f"torch device of {what}: auto (cuda if there is one, else mps, else cpu), cpu, cuda, "
-                             "cuda:N or mps; a choice of this process, not an experiment setting: CPU and GPU "
+                             "cuda:N or mps; a per-process choice, not an experiment setting: CPU and GPU "
                              "processes may mix in one federation (default: cpu)")
 
 
