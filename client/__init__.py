@@ -45,7 +45,8 @@ from lbgm.common.weights import save_weights
 from lbgm.common.wire import ReceivedTask
 from lbgm.task import LocalResult, Shard
 from lbgm.v1 import lbgm_pb2 as pb
-from lbgm.worker.client import RetryPolicy, VirtualWorker, WorkerStats, WorkerStopped, check_model
+from lbgm.common.model_spec import TensorSpec, describe_model
+from lbgm.worker.client import RetryPolicy, VirtualWorker, WorkerStats, WorkerStopped
 from lbgm.worker.trainer import update_of
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,11 @@ class _ScriptWorker(VirtualWorker):
         self.joined = joined
         self.shard: Shard | None = None
 
+    def model_tensors(self, spec: pb.ExperimentSpec) -> list[TensorSpec]:
+        """The script's model, which the server compares with its own at join."""
+        return describe_model(self.job.model)
+
     def _make_job(self, spec: pb.ExperimentSpec, shard_index: int) -> _ScriptJob:
-        check_model(spec, self.job.model, "the script's model")
         self.shard = Shard(shard_index, spec.num_shards, spec.seed, None)
         return self.job
 

@@ -217,7 +217,7 @@ class Coordinator:
         a re-joining worker returns its LBGM state to what it was right after that round.
         ModelRefused, before anything changes, if the worker's model is not the server's."""
         differences = model_differences(self.model_tensors, model_tensors, limit=20)
-        if differences and model_tensors:  # TRANSITIONAL until worker/client.py sends its model
+        if differences:
             raise ModelRefused(f"worker {name}'s model differs from the server's ({self.job.source}): "
                                f"{'; '.join(differences)}")
         record, rejoined = self.registry.join(name)

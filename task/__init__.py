@@ -41,8 +41,8 @@ server resumed from a checkpoint trains on the same batches as the first attempt
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -127,11 +127,16 @@ class LocalResult:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The central evaluation of a global model: its loss (which the server's round guard watches)
-    and, if the task has one, its accuracy."""
+    """An evaluation of a global model: its loss (which the server's round guard watches in a central
+    evaluation), its accuracy if the task has one, and the task's own figures (`metrics`, e.g.
+    {"f1": 0.8}; at most 32 finite values in a federated evaluation). `samples`: how many held-out
+    samples the figures cover; a federated evaluation weights each worker's figures by it (lbgm
+    sets it to len(validation data) when the task leaves it 0)."""
 
     loss: float
     accuracy: float = math.nan
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    samples: int = 0
 
 
 def sgd_steps(local: LocalRound) -> LocalResult:
@@ -166,8 +171,8 @@ class Task:
     train: the local training (default `sgd_steps`); see the module doc for what it returns.
     loss: loss(outputs, targets) for `sgd_steps` and any training that wants it (default
         cross-entropy).
-    validation_data: a worker's held-out data for its Shard, for federated evaluation (not yet
-        used by the server: issue 14, item 3).
+    validation_data: a worker's held-out data for its Shard: with `evaluate`, the worker evaluates
+        the global model on it when the server asks (federated evaluation, docs/TASKS.md).
     test_data, evaluate: the server's central evaluation each round, evaluate(model,
         test_data(data_dir)) -> Evaluation; without them the server records no test figures and
         its round guard checks only that the model stays finite.

@@ -13,7 +13,7 @@ import torch
 
 from lbgm.common.tls import ChannelTls
 from lbgm.task.loader import BUILTIN_TASK
-from lbgm.worker.client import RetryPolicy, VirtualWorker, WorkerStopped, task_job
+from lbgm.worker.client import ModelMismatch, RetryPolicy, VirtualWorker, WorkerStopped, task_job
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_
             log.info("%s: stopped", worker.name)
         except Exception as error:  # noqa: BLE001 - one failing virtual worker must not hide the others
             failures.append(worker.name)
-            expected = isinstance(error, (ConnectionError, grpc.RpcError))  # the server's answer says it all
+            expected = isinstance(error, (ConnectionError, grpc.RpcError, ModelMismatch))  # the message says it all
             log.error("%s: %s", worker.name, error, exc_info=not expected)
 
     if threading.current_thread() is threading.main_thread():

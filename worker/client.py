@@ -1,7 +1,10 @@
 """One virtual worker: its own channel, identity, data shard and LBG state.
 
-It dials out to the aggregator, joins, then loops: long-poll for a task,
-train locally, encode with LBGM, upload. Transport failures are retried with
+It dials out to the aggregator, asks for the experiment (GetExperiment),
+builds its model and joins with that model's description (the server refuses
+a model that differs, before the worker takes a slot), then loops: long-poll
+for a task, evaluate the task's model on the held-out data when the server
+asks (federated evaluation), train locally, encode with LBGM, upload. Transport failures are retried with
 exponential backoff and full jitter; a refused upload leaves the local LBGs
 untouched (they are committed only once the server accepted the upload), and
 a STALE_LBG refusal is answered by resending the named units in full. On
@@ -28,7 +31,7 @@ import torch
 from lbgm.common.codec import torch_dtype
 from lbgm.common.grpc_options import ERROR_DETAIL_KEY, JOIN_TOKEN_KEY, PROTOCOL, worker_metadata
 from lbgm.common.lookback import decision_units
-from lbgm.common.model_spec import TensorSpec, describe_model, model_differences
+from lbgm.common.model_spec import TensorSpec, describe_model, specs_to_proto
 from lbgm.common.state_files import lbgs_from_state, lbgs_to_state, save_atomic
 from lbgm.common.state_files import load as load_state
 from lbgm.common.tls import ChannelTls, open_channel
@@ -37,7 +40,7 @@ from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 from lbgm.worker.encoder import EncodedRound, LbgmEncoder, compressor_settings
 from lbgm.worker.rollback import StateHistory, WorkerSnapshot
-from lbgm.task import Shard, TaskOptions
+from lbgm.task import Shard, Task, TaskOptions
 from lbgm.task.loader import BUILTIN_TASK, build_model, call_task, load_task
 from lbgm.worker.trainer import LocalTrainer, local_seed
 
@@ -81,7 +84,7 @@ def error_detail(error: grpc.RpcError) -> pb.ErrorDetail | None:
 
 
 class ModelMismatch(RuntimeError):
-    """This worker's task builds a model that differs from the server's."""
+    """The server refused this worker's join: its model differs from the server's."""
 
 
 def task_options(spec: pb.ExperimentSpec) -> TaskOptions:
@@ -89,14 +92,6 @@ def task_options(spec: pb.ExperimentSpec) -> TaskOptions:
     return TaskOptions(dataset=spec.dataset, model=spec.model, partition=spec.partition,
                        classes_per_worker=spec.classes_per_worker, dirichlet_alpha=spec.dirichlet_alpha,
                        eval_batch_size=spec.eval_batch_size)
-
-
-def check_model(spec: pb.ExperimentSpec, model: torch.nn.Module, what: str) -> None:
-    """Raise ModelMismatch naming every difference between the server's model and `model` (`what`)."""
-    expected = [TensorSpec(t.name, tuple(t.shape), t.dtype, t.buffer) for t in spec.model_tensors]
-    differences = model_differences(expected, describe_model(model))
-    if differences:
-        raise ModelMismatch(f"{what} differs from the server's (task {spec.task!r}): {'; '.join(differences)}")
 
 
 class LocalJob(Protocol):
@@ -117,21 +112,68 @@ class LocalJob(Protocol):
 
     def restore(self, position: Any) -> None: ...
 
+    # Optional: evaluate(global_state) -> lbgm.task.Evaluation | None, the global model's evaluation on the
+    # worker's held-out data when the server asks (federated evaluation); without it, or when it returns
+    # None, the worker reports that it has no held-out data.
 
-JobFactory = Callable[[pb.ExperimentSpec, int], LocalJob]  # (the server's experiment, shard index) -> the job
+
+class JobFactory(Protocol):
+    """Makes a virtual worker's job from the server's experiment, in two steps: the description of the
+    model the job trains (sent with the Join, so the server refuses a model that differs before the
+    worker takes a slot), then, with the shard the join assigned, the job itself."""
+
+    def model_tensors(self, spec: pb.ExperimentSpec) -> list[TensorSpec]: ...
+
+    def __call__(self, spec: pb.ExperimentSpec, shard_index: int) -> LocalJob: ...
 
 
-def task_job(task: str = BUILTIN_TASK, data_dir: str = "", device: torch.device = torch.device("cpu")) -> JobFactory:
+class TaskJobs:
     """Jobs that run the task `task` (a reference, lbgm.task.loader) on the worker's shard of the data
-    under `data_dir`, with the options the server's task was given, training on `device`."""
-    def make(spec: pb.ExperimentSpec, shard_index: int) -> LocalTrainer:
-        loaded = load_task(task, task_options(spec))
-        model = build_model(loaded, spec.seed, task)
-        check_model(spec, model, f"the model of task {task!r}")
-        shard = Shard(shard_index, spec.num_shards, spec.seed, Path(data_dir) if data_dir else None)
-        data = call_task(task, "train_data", loaded.train_data, shard)
-        return LocalTrainer(loaded, model, data, seed=local_seed(spec.seed, shard_index), device=device)
-    return make
+    under `data_dir`, with the options the server's experiment gives, training on `device`. One
+    instance serves every virtual worker of a process: each job gets a model of its own (the one
+    built to describe the model goes to the first job)."""
+
+    def __init__(self, task: str, data_dir: str, device: torch.device = torch.device("cpu")) -> None:
+        self.task = task
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.device = device
+        self._lock = threading.Lock()  # virtual workers join from their own threads
+        self._tasks: dict[bytes, Task] = {}  # by experiment (its serialized ExperimentSpec)
+        self._descriptions: dict[bytes, list[TensorSpec]] = {}
+        self._unused: dict[bytes, torch.nn.Module] = {}  # a model built for a description, not yet in a job
+
+    def _task(self, spec: pb.ExperimentSpec, experiment: bytes) -> Task:
+        if experiment not in self._tasks:
+            self._tasks[experiment] = load_task(self.task, task_options(spec))
+        return self._tasks[experiment]
+
+    def model_tensors(self, spec: pb.ExperimentSpec) -> list[TensorSpec]:
+        experiment = spec.SerializeToString(deterministic=True)
+        with self._lock:
+            if experiment not in self._descriptions:
+                model = build_model(self._task(spec, experiment), spec.seed, self.task)
+                self._descriptions[experiment] = describe_model(model)
+                self._unused[experiment] = model
+            return self._descriptions[experiment]
+
+    def __call__(self, spec: pb.ExperimentSpec, shard_index: int) -> LocalTrainer:
+        experiment = spec.SerializeToString(deterministic=True)
+        with self._lock:
+            loaded = self._task(spec, experiment)
+            model = self._unused.pop(experiment, None)
+            if model is None:
+                model = build_model(loaded, spec.seed, self.task)
+        shard = Shard(shard_index, spec.num_shards, spec.seed, self.data_dir)
+        data = call_task(self.task, "train_data", loaded.train_data, shard)
+        validation = None
+        if loaded.validation_data is not None and loaded.evaluate is not None:
+            validation = call_task(self.task, "validation_data", loaded.validation_data, shard)
+        return LocalTrainer(loaded, model, data, seed=local_seed(spec.seed, shard_index), device=self.device,
+                            validation=validation)
+
+
+def task_job(task: str = BUILTIN_TASK, data_dir: str = "", device: torch.device = torch.device("cpu")) -> TaskJobs:
+    return TaskJobs(task, data_dir, device)
 
 
 class VirtualWorker:
@@ -156,6 +198,8 @@ class VirtualWorker:
         self.encoder: LbgmEncoder | None = None
         self.trainer: LocalJob | None = None
         self.history = StateHistory()
+        self.model_description: list[TensorSpec] | None = None  # what this worker's Join says its model is
+        self._evaluated_round = 0  # the last round whose evaluation the server took (since the last join)
         self._in_doubt: tuple[int, EncodedRound] | None = None  # the last upload not known to be accepted
         self._random = random.Random(name)
 
@@ -185,10 +229,29 @@ class VirtualWorker:
 
     # ------------------------------------------------------------ protocol
 
+    def model_tensors(self, spec: pb.ExperimentSpec) -> list[TensorSpec]:
+        """The description of the model this worker trains for the server's experiment `spec`."""
+        return self.make_job.model_tensors(spec)
+
     def join(self, stub: pb_grpc.AggregatorStub) -> None:
-        reply = self._call(lambda: stub.Join(pb.JoinRequest(worker_name=self.name, protocol=PROTOCOL), timeout=30,
-                                             metadata=self.join_metadata), "join")
+        """Join with this worker's model description (asking for the experiment first, once); a server
+        whose model differs refuses the join, and ModelMismatch names every difference."""
+        if self.model_description is None:
+            spec = self._call(lambda: stub.GetExperiment(pb.ExperimentRequest(worker_name=self.name, protocol=PROTOCOL),
+                                                         timeout=30, metadata=self.join_metadata),
+                              "ask for the experiment")
+            self.model_description = self.model_tensors(spec)
+        request = pb.JoinRequest(worker_name=self.name, protocol=PROTOCOL,
+                                 model_tensors=specs_to_proto(self.model_description))
+        try:
+            reply = self._call(lambda: stub.Join(request, timeout=30, metadata=self.join_metadata), "join")
+        except grpc.RpcError as error:
+            detail = error_detail(error)
+            if detail is not None and detail.reason == pb.ErrorDetail.MODEL_MISMATCH:
+                raise ModelMismatch(f"the server refused the join: {error.details()}") from None
+            raise
         self.worker_id, self.token = reply.worker_id, reply.token
+        self._evaluated_round = 0
         spec = reply.experiment
         if self.trainer is None:
             self.trainer = self.make_job(spec, reply.shard_index)
@@ -259,8 +322,34 @@ class VirtualWorker:
                     log.info("%s: %s", self.name, result.reason)
                     break
                 if result is not None:
-                    self.run_round(submit, result)
+                    if result.task.evaluate or result.task.evaluate_only:
+                        self.report_evaluation(stub, result)
+                    if not result.task.evaluate_only:
+                        self.run_round(submit, result)
         return self.stats
+
+    def report_evaluation(self, stub: pb_grpc.AggregatorStub, received: ReceivedTask) -> None:
+        """Evaluate the task's model on this worker's held-out data and report it (federated evaluation).
+        A job without held-out data says so (num_samples 0); a refused report is logged, never fatal."""
+        task = received.task
+        if self._evaluated_round == task.round:
+            return  # the same task again (its upload is being retried): the server holds the report
+        evaluate = getattr(self.trainer, "evaluate", None)
+        with self.training_slots:
+            evaluation = evaluate(received.tensors) if evaluate is not None else None
+        report = pb.EvaluationReport(worker_id=self.worker_id, token=self.token, round=task.round)
+        if evaluation is not None:
+            report.num_samples, report.loss, report.accuracy = evaluation.samples, evaluation.loss, evaluation.accuracy
+            report.metrics.update({name: float(value) for name, value in evaluation.metrics.items()})
+        try:
+            self._call(lambda: stub.SubmitEvaluation(report, timeout=task.seconds_to_deadline + 30,
+                                                     metadata=worker_metadata(self.worker_id, self.token)),
+                       "report an evaluation")
+        except grpc.RpcError as error:
+            log.warning("%s: round %d evaluation refused (%s): %s", self.name, task.round, error.code().name,
+                        error.details())
+            return
+        self._evaluated_round = task.round
 
     def run_round(self, submit: grpc.StreamUnaryMultiCallable, received: ReceivedTask) -> bool:
         """Train on the round's global model and upload the update; True if the server accepted it."""

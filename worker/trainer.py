@@ -7,6 +7,7 @@ it, the training runs there and g is computed there. Buffers leave as CPU tensor
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lbgm.task import Examples, LocalRound, LocalResult, Task
+from lbgm.task import Evaluation, Examples, LocalRound, LocalResult, Task
 
 
 def local_seed(experiment_seed: int, shard_index: int) -> int:
@@ -34,13 +35,15 @@ class BatchPosition:
 
 class LocalTrainer:
     def __init__(self, task: Task, model: nn.Module, data: Any, seed: int,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), validation: Any = None) -> None:
+        """`validation`: the worker's held-out data (the task's validation_data), None if it has none."""
         if len(data) == 0:
             raise ValueError("a worker needs at least one training sample")
         self.task = task
         self.device = device
         self.model = model.to(device)
         self.data = data
+        self.validation = validation
         self._generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.int64)
         self._cursor = 0
@@ -79,15 +82,35 @@ class LocalTrainer:
         `global_state` is the global model's parameters followed by its buffers;
         afterwards `buffers()` holds this worker's updated buffers (e.g. BatchNorm statistics).
         """
+        self._load(global_state)
         params = list(self.model.parameters())
-        with torch.no_grad():
-            for target, value in zip([*params, *self.model.buffers()], global_state, strict=True):
-                target.copy_(value)
         start = [value.to(self.device) for value in global_state[:len(params)]]
         result = self.task.train(LocalRound(
             model=self.model, data=self.data, loss=self.task.loss, steps=local_steps, batch_size=batch_size, lr=lr,
             round=round_number, generator=self._generator, next_batch=self._next_batch, device=self.device))
         return update_of(result, start, params, lr), float(result.loss)
+
+    def _load(self, global_state: Sequence[torch.Tensor]) -> None:
+        """Put the global model (parameters, then buffers) into the worker's model."""
+        with torch.no_grad():
+            for target, value in zip([*self.model.parameters(), *self.model.buffers()], global_state, strict=True):
+                target.copy_(value)
+
+    def evaluate(self, global_state: Sequence[torch.Tensor]) -> Evaluation | None:
+        """The task's evaluation of the global model on this worker's held-out data (federated
+        evaluation); None if the task has no validation data or no evaluate. The model's train/eval
+        mode is left as it was, so the round's training that follows is the same as without it."""
+        if self.validation is None or self.task.evaluate is None:
+            return None
+        self._load(global_state)
+        training = self.model.training
+        try:
+            result = self.task.evaluate(self.model, self.validation)
+        finally:
+            self.model.train(training)
+        if not isinstance(result, Evaluation):
+            raise TypeError(f"the task's evaluate returned a {type(result).__name__}, expected a lbgm.task.Evaluation")
+        return result if result.samples else dataclasses.replace(result, samples=len(self.validation))
 
     def buffers(self) -> list[torch.Tensor]:
         """The model's buffers after training, as CPU copies (what travels)."""
