@@ -11,7 +11,7 @@ import pytest
 
 from lbgm.cli.main import main
 from lbgm.common.config import ExperimentConfig
-from lbgm.common.grpc_options import JOIN_TOKEN_KEY, OPERATOR_TOKEN_KEY, PROTOCOL
+from lbgm.common.grpc_options import JOIN_TOKEN_KEY, OPERATOR_TOKEN_KEY, PROTOCOL, worker_metadata
 from lbgm.common.model_spec import specs_from_proto, specs_to_proto
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
@@ -111,3 +111,20 @@ def test_a_worker_process_whose_task_builds_another_model_is_refused_at_join(wei
     assert "tensor 5:" not in named[0] and "tensor 8:" not in named[0]  # the output bias and the counter match
     assert state(stub) == before
     assert "refused a join: worker wide's model differs" in server.log()
+
+
+def test_an_evaluation_report_for_a_round_that_is_not_open_is_refused_and_changes_nothing(weights_server):
+    _, stub, _ = weights_server
+    spec = stub.GetExperiment(pb.ExperimentRequest(worker_name="w", protocol=PROTOCOL), timeout=10, metadata=JOIN)
+    reply = stub.Join(pb.JoinRequest(worker_name="w", protocol=PROTOCOL, model_tensors=spec.model_tensors),
+                      timeout=10, metadata=JOIN)
+    before = state(stub)
+    report = pb.EvaluationReport(worker_id=reply.worker_id, token=reply.token, round=1, num_samples=10, loss=0.5)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.SubmitEvaluation(report, timeout=10, metadata=worker_metadata(reply.worker_id, reply.token))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_detail(refused.value).reason == pb.ErrorDetail.ROUND_CLOSED
+    assert state(stub) == before
+    with pytest.raises(grpc.RpcError) as refused:  # another worker's token
+        stub.SubmitEvaluation(report, timeout=10, metadata=worker_metadata(reply.worker_id, b"x" * 16))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
