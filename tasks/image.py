@@ -30,6 +30,11 @@ def _training_set(name: str, data_dir: Path | None) -> ImageDataset:
 
 
 @functools.lru_cache(maxsize=4)
+def _test_set(name: str, data_dir: Path | None) -> ImageDataset:
+    return load_dataset(name, "test", data_dir)
+
+
+@functools.lru_cache(maxsize=4)
 def _shards(name: str, data_dir: Path | None, count: int, scheme: str, seed: int, k: int,
             alpha: float) -> tuple[torch.Tensor, ...]:
     labels = _training_set(name, data_dir).labels
@@ -85,6 +90,14 @@ def classification(options: TaskOptions) -> Task:
         dataset = load_dataset(options.dataset, "test", data_dir)
         return Examples(dataset.images, dataset.labels)
 
+    def validation_data(shard: Shard) -> Examples:
+        """A worker's held-out data for federated evaluation: every count-th test image from its index,
+        so the shards' sets together are the test set, and their sample-weighted average accuracy
+        over all workers is the test accuracy."""
+        with _loading:
+            dataset = _test_set(options.dataset, shard.data_dir)
+        return Examples(dataset.images[shard.index::shard.count], dataset.labels[shard.index::shard.count])
+
     def describe_shards(shards: Sequence[Examples]) -> str:
         """Every worker's classes (as partition.txt always showed them)."""
         ends = torch.tensor([len(shard) for shard in shards]).cumsum(0).tolist()
@@ -94,6 +107,7 @@ def classification(options: TaskOptions) -> Task:
     return Task(
         model=lambda: factory(info.shape, info.num_classes),
         train_data=train_data,
+        validation_data=validation_data,
         test_data=test_data,
         evaluate=lambda model, data: accuracy_and_loss(model, data, options.eval_batch_size),
         describe_shards=describe_shards,

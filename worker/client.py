@@ -16,6 +16,7 @@ worker never disagree about what was sent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import threading
@@ -165,9 +166,9 @@ class TaskJobs:
                 model = build_model(loaded, spec.seed, self.task)
         shard = Shard(shard_index, spec.num_shards, spec.seed, self.data_dir)
         data = call_task(self.task, "train_data", loaded.train_data, shard)
-        validation = None
-        if loaded.validation_data is not None and loaded.evaluate is not None:
-            validation = call_task(self.task, "validation_data", loaded.validation_data, shard)
+        evaluates = loaded.validation_data is not None and loaded.evaluate is not None
+        validation = functools.partial(call_task, self.task, "validation_data", loaded.validation_data, shard) \
+            if evaluates else None
         return LocalTrainer(loaded, model, data, seed=local_seed(spec.seed, shard_index), device=self.device,
                             validation=validation)
 

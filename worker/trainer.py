@@ -8,7 +8,7 @@ it, the training runs there and g is computed there. Buffers leave as CPU tensor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,15 +35,17 @@ class BatchPosition:
 
 class LocalTrainer:
     def __init__(self, task: Task, model: nn.Module, data: Any, seed: int,
-                 device: torch.device = torch.device("cpu"), validation: Any = None) -> None:
-        """`validation`: the worker's held-out data (the task's validation_data), None if it has none."""
+                 device: torch.device = torch.device("cpu"), validation: Callable[[], Any] | None = None) -> None:
+        """`validation` loads the worker's held-out data (the task's validation_data) at the first
+        evaluation, so a run without federated evaluation never loads it; None: there is none."""
         if len(data) == 0:
             raise ValueError("a worker needs at least one training sample")
         self.task = task
         self.device = device
         self.model = model.to(device)
         self.data = data
-        self.validation = validation
+        self._load_validation = validation
+        self._validation: Any = None
         self._generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.int64)
         self._cursor = 0
@@ -100,17 +102,19 @@ class LocalTrainer:
         """The task's evaluation of the global model on this worker's held-out data (federated
         evaluation); None if the task has no validation data or no evaluate. The model's train/eval
         mode is left as it was, so the round's training that follows is the same as without it."""
-        if self.validation is None or self.task.evaluate is None:
+        if self._load_validation is None or self.task.evaluate is None:
             return None
+        if self._validation is None:
+            self._validation = self._load_validation()
         self._load(global_state)
         training = self.model.training
         try:
-            result = self.task.evaluate(self.model, self.validation)
+            result = self.task.evaluate(self.model, self._validation)
         finally:
             self.model.train(training)
         if not isinstance(result, Evaluation):
             raise TypeError(f"the task's evaluate returned a {type(result).__name__}, expected a lbgm.task.Evaluation")
-        return result if result.samples else dataclasses.replace(result, samples=len(self.validation))
+        return result if result.samples else dataclasses.replace(result, samples=len(self._validation))
 
     def buffers(self) -> list[torch.Tensor]:
         """The model's buffers after training, as CPU copies (what travels)."""
