@@ -41,11 +41,11 @@ import torch
 from torch import nn
 
 from lbgm.common.tls import ChannelTls, channel_credentials
+from lbgm.common.model_spec import TensorSpec, describe_model
 from lbgm.common.weights import save_weights
 from lbgm.common.wire import ReceivedTask
-from lbgm.task import LocalResult, Shard
+from lbgm.task import Evaluation, LocalResult, Shard
 from lbgm.v1 import lbgm_pb2 as pb
-from lbgm.common.model_spec import TensorSpec, describe_model
 from lbgm.worker.client import RetryPolicy, VirtualWorker, WorkerStats, WorkerStopped
 from lbgm.worker.trainer import update_of
 
@@ -79,6 +79,13 @@ class _Offer:
 
 
 @dataclass(frozen=True)
+class _EvaluationRequest:
+    """The server asks for an evaluation of this global model on the script's held-out data."""
+
+    global_state: Sequence[torch.Tensor]
+
+
+@dataclass(frozen=True)
 class _End:
     """No more rounds: training finished (error None) or the worker failed."""
 
@@ -96,10 +103,12 @@ class _ScriptJob:
     """The LocalJob (lbgm.worker.client) of a script: train() hands the round over to the script's thread
     and waits until the script calls send()."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, evaluate: Callable[[nn.Module], Evaluation] | None) -> None:
         self.model = model
-        self.rounds: queue.Queue[_Offer | _End] = queue.Queue()
+        self.evaluate_model = evaluate
+        self.rounds: queue.Queue[_Offer | _EvaluationRequest | _End] = queue.Queue()
         self.results: queue.Queue[_Trained | None] = queue.Queue()  # None: stop waiting
+        self.evaluations: queue.Queue[Evaluation | None] = queue.Queue()  # None: no evaluation after all
         self.uploads: queue.Queue[bool] = queue.Queue()
         self.total_rounds = 0  # of the run, as the current round's task says
         self._num_samples = 0
@@ -117,6 +126,14 @@ class _ScriptJob:
             raise WorkerStopped()
         self._num_samples = trained.num_samples
         return trained.update, trained.loss
+
+    def evaluate(self, global_state: list[torch.Tensor]) -> Evaluation | None:
+        """Federated evaluation: the script's thread runs the script's `evaluate` on the global model
+        (in receive(), so the protocol thread never touches the model while the script uses it)."""
+        if self.evaluate_model is None:
+            return None
+        self.rounds.put(_EvaluationRequest(global_state))
+        return self.evaluations.get()
 
     def buffers(self) -> list[torch.Tensor]:
         return [buffer.detach().cpu().clone() for buffer in self.model.buffers()]
@@ -198,9 +215,10 @@ def _tls(ca: Path | None, cert: Path | None, key: Path | None, server_name: str)
 class Federation:
     """A script's membership of a federation: see the module doc. Made by `connect`."""
 
-    def __init__(self, model: nn.Module, worker_settings: dict, join_timeout: float) -> None:
+    def __init__(self, model: nn.Module, evaluate: Callable[[nn.Module], Evaluation] | None,
+                 worker_settings: dict, join_timeout: float) -> None:
         self.model = model
-        self._job = _ScriptJob(model)
+        self._job = _ScriptJob(model, evaluate)
         joined = threading.Event()
         self._worker = _ScriptWorker(self._job, joined, **worker_settings)
         self._failure: BaseException | None = None
@@ -246,30 +264,52 @@ class Federation:
             raise ClientError(f"round {self.round.number} was received but not sent: call send() first")
         if self._finished:
             return False
-        item = self._job.rounds.get()
+        while isinstance(item := self._job.rounds.get(), _EvaluationRequest):
+            self._evaluate(item.global_state)
         if isinstance(item, _End):
             self._finished = True
             if item.error is not None:
                 raise ClientError(f"the federation ended with an error: {describe(item.error)}") from item.error
             return False
+        self._load(item.global_state)
         params = list(self.model.parameters())
-        with torch.no_grad():
-            for target, value in zip([*params, *self.model.buffers()], item.global_state, strict=True):
-                target.copy_(value)
-        self._start = list(item.global_state[:len(params)])
+        self._start = [value.to(param.device) for value, param in zip(item.global_state, params)]
         self.round = item.info
         return True
 
-    def send(self, num_samples: int, loss: float = math.nan) -> bool:
+    def _load(self, global_state: Sequence[torch.Tensor]) -> None:
+        """Put the global model (parameters, then buffers) into the script's model, on its device."""
+        with torch.no_grad():
+            for target, value in zip([*self.model.parameters(), *self.model.buffers()], global_state, strict=True):
+                target.copy_(value)
+
+    def _evaluate(self, global_state: Sequence[torch.Tensor]) -> None:
+        """Run the script's `evaluate` on the global model and hand the result to the protocol thread
+        (which reports it); whatever happens, the protocol thread gets an answer."""
+        evaluation = None
+        try:
+            self._load(global_state)
+            result = self._job.evaluate_model(self.model)
+            if not isinstance(result, Evaluation) or result.samples < 1:
+                raise ClientError(f"evaluate must return a lbgm.task.Evaluation with samples >= 1 (the held-out "
+                                  f"samples it covers), got {result!r}")
+            evaluation = result
+        finally:
+            self._job.evaluations.put(evaluation)
+
+    def send(self, num_samples: int, loss: float) -> bool:
         """Send what the script's training made of the received model (the update is computed from the
-        weights in `model`, see the module doc); waits for the server's answer: True if it accepted the
-        update, False if it refused it (e.g. the round closed before it arrived)."""
+        weights in `model`, see the module doc) with the round's training loss (the server averages it
+        into train_loss); waits for the server's answer: True if it accepted the update, False if it
+        refused it (e.g. the round closed before it arrived)."""
         if self.round is None:
             raise ClientError("nothing to send: call receive() first")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ClientError(f"num_samples must be a positive int (the samples the round trained on), "
                               f"got {num_samples!r}")
-        trained = [p.detach().cpu() for p in self.model.parameters()]
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            raise ClientError(f"loss must be a finite number (the round's training loss), got {loss!r}")
+        trained = [p.detach() for p in self.model.parameters()]
         self._check_shapes(trained)
         update = update_of(LocalResult(float(loss)), self._start, trained, self.round.lr)
         self.round = None
@@ -290,6 +330,7 @@ class Federation:
         """Stop taking part (the server goes on without this worker); safe to call twice."""
         self._worker.stop.set()
         self._job.results.put(None)
+        self._job.evaluations.put(None)
         self._thread.join(timeout=10)
 
     def __enter__(self) -> Federation:
@@ -302,13 +343,18 @@ class Federation:
 def connect(model: nn.Module, *, server: str | None = None, name: str | None = None,
             join_token: str | bytes | None = None, tls_ca: Path | None = None, tls_cert: Path | None = None,
             tls_key: Path | None = None, tls_server_name: str = "", state_dir: Path | None = None,
-            give_up_seconds: float = 300.0, poll_seconds: float = 20.0) -> Federation:
+            give_up_seconds: float = 300.0, poll_seconds: float = 20.0,
+            evaluate: Callable[[nn.Module], Evaluation] | None = None) -> Federation:
     """Join the federation at `server` (else LBGM_SERVER) as worker `name` (else LBGM_NAME, else the host
     name: give each process on one machine its own) and return once joined.
 
     Every setting falls back to the variable `lbgm worker` reads for it: LBGM_JOIN_TOKEN (or
     LBGM_JOIN_TOKEN_FILE), LBGM_TLS_CA, LBGM_TLS_CERT, LBGM_TLS_KEY, LBGM_TLS_SERVER_NAME, LBGM_STATE_DIR.
     `model` must match the server's model (names, shapes, dtypes); the join is refused otherwise.
+    `evaluate(model) -> lbgm.task.Evaluation` (loss, accuracy, metrics, and `samples`, the held-out
+    samples it covers) is the script's evaluation on its own held-out data: the server asks for it
+    every `federated_eval_every` rounds and after the last (federated evaluation); it runs in the
+    script's thread, inside receive(), on the global model. Without it the worker reports no samples.
     """
     server = server or os.environ.get("LBGM_SERVER", "")
     if ":" not in server:
@@ -319,7 +365,7 @@ def connect(model: nn.Module, *, server: str | None = None, name: str | None = N
     settings = dict(name=name, target=server, poll_seconds=poll_seconds,
                     retry=RetryPolicy(give_up_seconds=give_up_seconds), state_dir=state_dir,
                     tls=_tls(tls_ca, tls_cert, tls_key, tls_server_name), join_token=_token(join_token))
-    return Federation(model, settings, join_timeout=give_up_seconds + 30)
+    return Federation(model, evaluate, settings, join_timeout=give_up_seconds + 30)
 
 
 __all__ = ["ClientError", "Federation", "RoundInfo", "connect", "save_weights"]

@@ -19,24 +19,37 @@ from lbgm.cli.main import fetch_status
 from lbgm.common.config import ExperimentConfig
 from lbgm.common.state_files import load
 
-from conftest import assert_mirrors_equal_worker_lbgs, start_server
-from test_tasks import write_task
+from conftest import ServerProcess, assert_mirrors_equal_worker_lbgs, start_server
 
-# An ordinary training script (its own model, data, Adam and loop) plus the client API's lines. Its model is
-# the one of test_tasks' task file, whose data gives every shard 96 samples as the script's does.
+# An ordinary training script (its own model, data, Adam and loop, and an evaluation on held-out data) plus
+# the client API's lines. Its model and data are those of test_tasks' task file (96 samples per shard).
 SCRIPT = '''
 import json, sys
 import torch
 from torch import nn
 from torch.nn import functional as F
 import lbgm.client
+from lbgm.task import Evaluation
+
+
+def examples(seed, count):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(count, 8, generator=generator)
+    return inputs, (inputs[:, :3].sum(dim=1) > 0).long() + (inputs[:, 3] > 1).long()
+
+
+@torch.no_grad()
+def evaluate(model):
+    logits = model(held_out[0])
+    return Evaluation(loss=float(F.cross_entropy(logits, held_out[1])),
+                      accuracy=float((logits.argmax(1) == held_out[1]).float().mean()), samples=len(held_out[1]))
+
 
 torch.manual_seed(int(sys.argv[1]))  # each script starts from other weights: the server's replace them
 model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
-federation = lbgm.client.connect(model)
-generator = torch.Generator().manual_seed(1000 + federation.shard.seed * 100 + federation.shard.index)
-inputs = torch.randn(96, 8, generator=generator)
-targets = (inputs[:, :3].sum(dim=1) > 0).long() + (inputs[:, 3] > 1).long()
+held_out = examples(7 + int(sys.argv[1]), 100 + 20 * int(sys.argv[1]))
+federation = lbgm.client.connect(model, evaluate=evaluate)
+inputs, targets = examples(1000 + federation.shard.seed * 100 + federation.shard.index, 96)
 optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
 while federation.receive():
     for _ in range(3):
@@ -66,10 +79,19 @@ def records_of(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def start_weights_server(tmp_path: Path, **settings) -> ServerProcess:
+    """A server that holds only the initial weights the script's model class gives (no task, no data)."""
+    torch.manual_seed(0)
+    weights = tmp_path / "init.safetensors"
+    lbgm.client.save_weights(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)), weights)
+    config = ExperimentConfig(weights=str(weights), task="no_such_module_for_lbgm:task", round_timeout=60.0,
+                              max_worker_samples=200, **settings)
+    return start_server(tmp_path, config)
+
+
 def test_four_scripts_federate_with_scalar_updates_and_identical_mirrors(tmp_path, processes):
-    config = ExperimentConfig(name="scripts", task=f"{write_task(tmp_path / 'user')}:task", workers=4, rounds=6,
-                              delta=0.6, local_lr=0.01, round_timeout=60.0)
-    server = start_server(tmp_path, config)
+    server = start_weights_server(tmp_path, name="scripts", workers=4, rounds=6, delta=0.6, local_lr=0.01,
+                                  federated_eval_every=3)
     processes.append(server.process)
     state_dir = tmp_path / "state"
     scripts = start_scripts(tmp_path, server.target, 4, state_dir)
@@ -84,16 +106,22 @@ def test_four_scripts_federate_with_scalar_updates_and_identical_mirrors(tmp_pat
     records = records_of(server.run_dir)
     assert all(r["participants"] == [1, 2, 3, 4] for r in records)
     assert sum(r["scalar_units"] for r in records) == sum(s["scalar_units"] for s in stats) > 0
-    assert records[-1]["test_accuracy"] > records[0]["test_accuracy"]
     assert_mirrors_equal_worker_lbgs(server.run_dir, state_dir, [f"script{i}" for i in range(4)], 4)
+    # Federated evaluation by the scripts' own evaluate: of the initial model (round 1's), of model 3
+    # (round 4's) and of the final model, each over every script's held-out samples (100 + 120 + 140 + 160).
+    evaluated = [r for r in records if r.get("federated_evaluation")]
+    assert [r["test_model_round"] for r in evaluated] == [0, 3, 6]
+    assert all((r["federated_evaluation"]["num_samples"], r["federated_evaluation"]["workers"]) == (520, 4)
+               for r in evaluated)
+    assert evaluated[-1]["test_accuracy"] > evaluated[0]["test_accuracy"]
+    summary = json.loads((server.run_dir / "summary.json").read_text())
+    assert summary["final_accuracy"] == evaluated[-1]["test_accuracy"]
 
 
 def test_a_lone_script_s_weights_become_the_global_model_fedavg(tmp_path, processes):
     """With server_lr = local_lr and every layer in full, the server's step theta - lr * (theta - theta_local)
     / lr gives back the script's trained weights (up to float32 rounding): FedAvg of one worker."""
-    config = ExperimentConfig(name="fedavg", task=f"{write_task(tmp_path / 'user')}:task", workers=1, rounds=3,
-                              delta=0.0, local_lr=0.01, round_timeout=60.0)
-    server = start_server(tmp_path, config)
+    server = start_weights_server(tmp_path, name="fedavg", workers=1, rounds=3, delta=0.0, local_lr=0.01)
     processes.append(server.process)
     [script] = start_scripts(tmp_path, server.target, 1, tmp_path / "state")
     processes.append(script)
@@ -107,9 +135,7 @@ def test_a_lone_script_s_weights_become_the_global_model_fedavg(tmp_path, proces
 
 @pytest.fixture
 def one_worker_server(tmp_path, processes):
-    config = ExperimentConfig(name="misuse", task=f"{write_task(tmp_path / 'user')}:task", workers=1, rounds=2,
-                              round_timeout=60.0)
-    server = start_server(tmp_path, config)
+    server = start_weights_server(tmp_path, name="misuse", workers=1, rounds=2, federated_eval_every=1)
     processes.append(server.process)
     return server
 
@@ -118,16 +144,19 @@ def test_a_script_that_changed_a_layer_s_shape_gets_an_error_and_sends_nothing(o
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     with lbgm.client.connect(model, server=one_worker_server.target, name="reshaper") as federation:
         with pytest.raises(lbgm.client.ClientError, match=r"nothing to send: call receive\(\) first"):
-            federation.send(num_samples=96)
+            federation.send(num_samples=96, loss=1.0)
         assert federation.receive()
+        before = fetch_status(one_worker_server.target).uplink_bytes  # the (empty) evaluation report's bytes
         with pytest.raises(lbgm.client.ClientError, match="num_samples must be a positive int"):
-            federation.send(num_samples=0)
+            federation.send(num_samples=0, loss=1.0)
+        with pytest.raises(lbgm.client.ClientError, match="loss must be a finite number"):
+            federation.send(num_samples=96, loss=float("nan"))
         model[2] = nn.Linear(16, 4)
         with pytest.raises(lbgm.client.ClientError, match=r"parameter 2\.weight is torch\.float32 \(4, 16\) now, "
                                                           r"the server's model has torch\.float32 \(3, 16\)"):
-            federation.send(num_samples=96)
+            federation.send(num_samples=96, loss=1.0)
         assert "call send() first" in str(pytest.raises(lbgm.client.ClientError, federation.receive).value)
-        assert fetch_status(one_worker_server.target).uplink_bytes == 0
+        assert fetch_status(one_worker_server.target).uplink_bytes == before
 
 
 def test_bad_settings_and_a_different_model_are_refused_with_one_line(one_worker_server, monkeypatch):
@@ -141,4 +170,16 @@ def test_bad_settings_and_a_different_model_are_refused_with_one_line(one_worker
     with pytest.raises(lbgm.client.ClientError, match=r"expected parameter 0\.weight float32\[16, 8\], "
                                                       r"got parameter 0\.weight float32\[32, 8\]"):
         lbgm.client.connect(wide, server=one_worker_server.target, name="wide")
-    assert fetch_status(one_worker_server.target).uplink_bytes == 0
+    status = fetch_status(one_worker_server.target)
+    assert (status.workers_joined, status.uplink_bytes) == (0, 0)  # refused at join: no slot taken
+
+
+def test_an_evaluate_that_returns_no_evaluation_raises_in_receive_and_reports_nothing(one_worker_server):
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    with lbgm.client.connect(model, server=one_worker_server.target, name="evaluator",
+                             evaluate=lambda model: 0.5) as federation:
+        with pytest.raises(lbgm.client.ClientError, match=r"evaluate must return a lbgm.task.Evaluation with "
+                                                          r"samples >= 1 .*got 0.5"):
+            federation.receive()
+        assert federation.receive()  # the round itself still comes; the evaluation counted no samples
+        assert federation.send(num_samples=96, loss=1.0)

@@ -347,9 +347,9 @@ class VirtualWorker:
                                                      metadata=worker_metadata(self.worker_id, self.token)),
                        "report an evaluation")
         except grpc.RpcError as error:
+            # Not again for this round: the same report would be refused again, poll after poll.
             log.warning("%s: round %d evaluation refused (%s): %s", self.name, task.round, error.code().name,
                         error.details())
-            return
         self._evaluated_round = task.round
 
     def run_round(self, submit: grpc.StreamUnaryMultiCallable, received: ReceivedTask) -> bool:
