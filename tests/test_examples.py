@@ -108,7 +108,10 @@ def test_tabular_example_saves_uplink_against_delta_zero_and_reports_what_it_mea
     assert lbgm["scalar_units"] > 0 and baseline["scalar_units"] == 0
     assert lbgm["uplink_bytes"] < baseline["uplink_bytes"]
     assert lbgm["refused_uploads"] == baseline["refused_uploads"] == 0
-    assert "| tabular-delta0.2 | 0.2 | nan | nan | " in output  # lbgm sweep's table, with its measured savings
+    # lbgm sweep's table: the final test loss (a regression has no accuracy), then its measured savings
+    assert "| run | delta | final test loss | uplink bytes | savings vs delta=0 |" in output
+    final_loss = json.loads((runs / "tabular-delta0.2" / "metrics.jsonl").read_text().splitlines()[-1])["test_loss"]
+    assert f"| tabular-delta0.2 | 0.2 | {final_loss:.4f} | {lbgm['uplink_bytes']:,} | " in output
 
     lines = output.splitlines()
     header = next(number for number, line in enumerate(lines) if "| test RMSE |" in line)
