@@ -16,6 +16,23 @@ from lbgm.common.config import ExperimentConfig, config_to_toml
 from lbgm.common.grpc_options import PROTOCOL
 from lbgm.common.state_files import lbgs_from_state, load
 
+# The head of the task files tests write as users would: imports and a synthetic 3-class data set
+# (8 features), from which each task builds its shards, held-out and test data.
+SYNTHETIC_TASK_HEAD = '''
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lbgm.task import Evaluation, Examples, LocalResult, Task
+
+
+def examples(seed: int, count: int) -> Examples:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(count, 8, generator=generator)
+    targets = (inputs[:, :3].sum(dim=1) > 0).long() + (inputs[:, 3] > 1).long()
+    return Examples(inputs, targets)
+'''
+
 # Small, fast settings: the MLP with the reference preset (one full-shard batch per round).
 FAST = dict(model="mlp", local_steps=1, batch_size=0, local_lr=0.5, round_timeout=60.0)
 

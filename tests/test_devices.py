@@ -31,7 +31,7 @@ from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.worker.encoder import LbgmEncoder
 from lbgm.worker.trainer import LocalTrainer
 
-from conftest import assert_mirrors_equal_worker_lbgs, lbgm, start_server, start_worker
+from conftest import SYNTHETIC_TASK_HEAD, assert_mirrors_equal_worker_lbgs, lbgm, start_server, start_worker
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (run ./test.sh tests/test_devices.py on one)")
@@ -40,20 +40,7 @@ MALFORMED = "must be auto, cpu, cuda, cuda:N or mps"
 
 # A task with the default training (sgd_steps moves each batch to the device), a BatchNorm buffer,
 # and an evaluation that runs on whatever device the server's model is on.
-DEVICE_TASK = '''
-import torch
-from torch import nn
-from torch.nn import functional as F
-
-from lbgm.task import Evaluation, Examples, Task
-
-
-def examples(seed: int, count: int) -> Examples:
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(count, 8, generator=generator)
-    targets = (inputs[:, :3].sum(dim=1) > 0).long() + (inputs[:, 3] > 1).long()
-    return Examples(inputs, targets)
-
+DEVICE_TASK = SYNTHETIC_TASK_HEAD + '''
 
 @torch.inference_mode()
 def evaluate(model, data):

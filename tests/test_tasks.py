@@ -16,24 +16,11 @@ from lbgm.common.model_spec import describe_model, model_differences
 from lbgm.task import LocalResult, Task
 from lbgm.worker.trainer import LocalTrainer, update_of
 
-from conftest import assert_mirrors_equal_worker_lbgs, start_server, start_worker
+from conftest import SYNTHETIC_TASK_HEAD, assert_mirrors_equal_worker_lbgs, start_server, start_worker
 
 # A task as a user writes it: its own model, synthetic data, its own loss and an Adam loop.
-OWN_TASK = '''
-import torch
-from torch import nn
-from torch.nn import functional as F
-
-from lbgm.task import Evaluation, Examples, LocalResult, Task
-
+OWN_TASK = SYNTHETIC_TASK_HEAD + '''
 HIDDEN = {hidden}
-
-
-def examples(seed: int, count: int) -> Examples:
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(count, 8, generator=generator)
-    targets = (inputs[:, :3].sum(dim=1) > 0).long() + (inputs[:, 3] > 1).long()
-    return Examples(inputs, targets)
 
 
 def smoothed_cross_entropy(outputs, targets):

@@ -27,25 +27,12 @@ from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.task import Shard
 from lbgm.task.loader import build_model, load_task
 
-from conftest import assert_mirrors_equal_worker_lbgs, start_server, start_worker
+from conftest import SYNTHETIC_TASK_HEAD, assert_mirrors_equal_worker_lbgs, start_server, start_worker
 
 # A user's task with held-out data per worker (federated evaluation), its own metric, shards of
 # different sizes (so the weighting matters) and BatchNorm (buffers, one of them int64).
-EVAL_TASK = '''
-import torch
-from torch import nn
-from torch.nn import functional as F
-
-from lbgm.task import Evaluation, Examples, Task
-
+EVAL_TASK = SYNTHETIC_TASK_HEAD + '''
 HIDDEN = {hidden}
-
-
-def examples(seed: int, count: int) -> Examples:
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(count, 8, generator=generator)
-    targets = (inputs[:, :3].sum(dim=1) > 0).long() + (inputs[:, 3] > 1).long()
-    return Examples(inputs, targets)
 
 
 @torch.inference_mode()
