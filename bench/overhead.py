@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.state_files import load
 from lbgm.launch.federation import run_federation
 from lbgm.sim.federation import simulate

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.tasks.datasets import DATASET_SHAPES
 from lbgm.common.lookback import aggregation_weights, all_finite, server_sgd_step, weighted_sum
 from lbgm.common.model_spec import describe_model

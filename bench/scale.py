@@ -44,7 +44,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
-from lbgm.common.config import WIRE_DTYPES, ExperimentConfig
+from lbgm.experiment.config import WIRE_DTYPES, ExperimentConfig
 from lbgm.launch.federation import run_federation
 from lbgm.tasks.datasets import DATASET_SHAPES, NUM_CLASSES
 from lbgm.tasks.models import build_model

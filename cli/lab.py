@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lbgm.cli.options import UsageError, add_log_level
 from lbgm.cli.report import add_target_argument
-from lbgm.common.config import ExperimentConfig, add_config_arguments, config_from_args
+from lbgm.experiment.config import ExperimentConfig, add_config_arguments, config_from_args
 from lbgm.lab import netns
 from lbgm.lab.experiment import cleanup_stale, run_lab
 

@@ -31,7 +31,7 @@ from lbgm.cli.credentials import add_secret_arguments, read_secret
 from lbgm.cli.options import EnvParser, UsageError, add_log_level, configure_logging, worker_names
 from lbgm.cli.transport import (add_client_tls_arguments, add_server_tls_arguments, client_tls, server_tls,
                                 worker_tls)
-from lbgm.common.config import ConfigError, add_config_arguments, config_from_args
+from lbgm.experiment.config import ConfigError, add_config_arguments, config_from_args
 from lbgm.common.devices import DeviceError, local_device
 from lbgm.launch.federation import PlacementError, run_federation
 from lbgm.report.runs import ReportError

@@ -16,7 +16,7 @@ from typing import Any
 
 from lbgm.cli.options import FALSE_WORDS, TRUE_WORDS, UsageError, add_log_level
 from lbgm.cli.report import add_target_argument
-from lbgm.common.config import FIELDS, ExperimentConfig, add_config_arguments, config_from_args
+from lbgm.experiment.config import FIELDS, ExperimentConfig, add_config_arguments, config_from_args
 from lbgm.report.comparison import build_rows, format_table
 from lbgm.report.runs import load_run
 from lbgm.sweep.grid import axis_problem, grid_configs, read_sweep_table

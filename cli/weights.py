@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from lbgm.cli.options import add_log_level
-from lbgm.common.config import add_config_arguments, config_from_args
+from lbgm.experiment.config import add_config_arguments, config_from_args
 from lbgm.common.weights import save_weights
 from lbgm.task.loader import build_model, load_task
 

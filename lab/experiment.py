@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.lab import netns
 from lbgm.launch.federation import Placement, WorkerProcess, launch, worker_groups
 from lbgm.report.comparison import rounds_to_target

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from lbgm.common.config import ExperimentConfig, config_to_toml
+from lbgm.experiment.config import ExperimentConfig, config_to_toml
 from lbgm.common.grpc_options import CHANNEL_OPTIONS
 from lbgm.launch.environment import environ_without_options, new_secret, secret_variable
 from lbgm.task.loader import check_task

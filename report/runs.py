@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lbgm.common.config import ConfigError, load_config
+from lbgm.experiment.config import ConfigError, load_config
 
 # A run's per-round records as the server writes them, or gzipped by --archive.
 METRICS_NAMES = ("metrics.jsonl", "metrics.jsonl.gz")

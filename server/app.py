@@ -14,7 +14,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.grpc_options import SERVER_OPTIONS
 from lbgm.common.tls import ServerTls, is_loopback
 from lbgm.server.callguard import CallGuard

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.lookback import LookbackGradient
 from lbgm.common.faults import crash_point
 from lbgm.common.state_files import content_digest, load, save_atomic

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.weights import ModelState, read_weights
 from lbgm.server.evaluation import load_state
 from lbgm.task import Shard, Task

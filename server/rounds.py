@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.compressors import CODEC_OF, zero_payload
 from lbgm.common.lookback import aggregation_weights, decision_units
 from lbgm.common.model_spec import TensorSpec, fingerprint, model_differences, specs_to_proto
-from lbgm.common.robust import GlobalModel, aggregate_round
+from lbgm.server.robust import GlobalModel, aggregate_round
 from lbgm.common.state_files import content_digest, lbgs_to_state, save_atomic
 from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_parts, wire_size
 from lbgm.server.checkpoint import CheckpointStore, CheckpointWriteError, ServerState

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.model_spec import describe_model
-from lbgm.common.robust import GlobalModel, aggregate_round
+from lbgm.server.robust import GlobalModel, aggregate_round
 from lbgm.common.wire import ReceivedUpdate
 from lbgm.server.evaluation import load_state
 from lbgm.server.mirrors import MirrorStore
@@ -47,7 +47,7 @@ class SimulationResult:
 
 
 def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> SimulationResult:
-    """Run the whole federation in this process. The server's round rule (lbgm.common.robust) evaluates
+    """Run the whole federation in this process. The server's round rule (lbgm.server.robust) evaluates
     every round; `evaluate_every_round` says whether every record carries test figures, or only the last."""
     task = load_task(config.task, config.task_options)
     model = build_model(task, config.seed, config.task)

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from lbgm.common.config import FIELDS, ConfigError, ExperimentConfig
+from lbgm.experiment.config import FIELDS, ConfigError, ExperimentConfig
 
 
 class SweepError(ValueError):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.report.runs import read_summary
 
 FINISHED = ("done", "skipped")  # outcomes whose run folder holds a complete run

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.devices import local_device
 from lbgm.common.state_files import load
 from lbgm.launch.federation import LaunchError, Placement, federation_processes, local_placement, log_tails

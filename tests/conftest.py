@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lbgm.common.codec import tensor_to_bytes
-from lbgm.common.config import ExperimentConfig, config_to_toml
+from lbgm.experiment.config import ExperimentConfig, config_to_toml
 from lbgm.common.grpc_options import PROTOCOL
 from lbgm.common.state_files import lbgs_from_state, load
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.faults import CRASH_AT, TRACE
 from lbgm.common.state_files import content_digest, load
 from lbgm.server.checkpoint import CheckpointStore

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lbgm.common import state_files
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.lookback import LookbackGradient
 from lbgm.server.checkpoint import CheckpointError, CheckpointStore, ServerState
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from lbgm.common.config import ConfigError, ExperimentConfig, config_to_toml, load_config
+from lbgm.experiment.config import ConfigError, ExperimentConfig, config_to_toml, load_config
 
 from conftest import lbgm
 

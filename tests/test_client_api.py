@@ -16,7 +16,7 @@ from torch import nn
 
 import lbgm.client
 from lbgm.cli.main import fetch_status
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.state_files import load
 
 from conftest import ServerProcess, assert_mirrors_equal_worker_lbgs, start_server

@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.state_files import load
 from lbgm.sim.federation import simulate
 

@@ -20,7 +20,7 @@ import yaml
 
 from lbgm.cli.main import build_parser, main
 from lbgm.cli.options import ENV_PREFIX, env_options
-from lbgm.common.config import ExperimentConfig, config_from_args, config_to_toml, load_config
+from lbgm.experiment.config import ExperimentConfig, config_from_args, config_to_toml, load_config
 from lbgm.launch.environment import environ_without_options
 
 from conftest import FAST, start_server

@@ -19,7 +19,7 @@ import torch
 from lbgm.cli.main import fetch_status
 from lbgm.common.codec import tensor_to_bytes
 from lbgm.common.compressors import COMPRESSORS, CODEC_OF, CompressorSettings, compress, decode
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.devices import DeviceError, local_device, move_to, resolve_device
 from lbgm.common.lookback import decision_units, rebuild
 from lbgm.common.state_files import lbgs_from_state, load

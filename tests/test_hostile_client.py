@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 from grpc_tools import protoc
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 
 from conftest import FAST, ServerProcess, join_request, start_server, start_worker
 

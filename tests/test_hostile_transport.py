@@ -19,7 +19,7 @@ import grpc
 import pytest
 import torch
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.lookback import LookbackGradient
 from lbgm.tasks.models import build_model
 from lbgm.common.grpc_options import (

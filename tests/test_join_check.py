@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from lbgm.cli.main import main
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.grpc_options import JOIN_TOKEN_KEY, OPERATOR_TOKEN_KEY, PROTOCOL, worker_metadata
 from lbgm.common.model_spec import specs_from_proto, specs_to_proto
 from lbgm.v1 import lbgm_pb2 as pb

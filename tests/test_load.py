@@ -11,7 +11,7 @@ import signal
 import subprocess
 import time
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 
 from conftest import FAST, start_server, start_worker
 

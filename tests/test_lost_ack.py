@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.state_files import content_digest, lbgs_from_state, load
 from lbgm.sim.federation import simulate
 from lbgm.v1 import lbgm_pb2 as pb

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lbgm.cli.logs import JsonFormatter
 from lbgm.cli.main import fetch_status
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.server.metrics import ServerMetrics
 from lbgm.v1 import lbgm_pb2 as pb
 

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lbgm.common.config import ExperimentConfig, config_to_toml
+from lbgm.experiment.config import ExperimentConfig, config_to_toml
 from lbgm.server.checkpoint import CheckpointStore
 from lbgm.sim.federation import simulate
 

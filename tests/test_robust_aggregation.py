@@ -1,4 +1,4 @@
-"""No single worker may destroy the global model (lbgm.common.robust).
+"""No single worker may destroy the global model (lbgm.server.robust).
 
 Unit tests of the norm bound and the round guard, then the default job over
 real gRPC with one hostile worker process among ten (tests/hostile_worker.py):
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lbgm.common.config import ConfigError, ExperimentConfig
+from lbgm.experiment.config import ConfigError, ExperimentConfig
 from lbgm.common.lookback import RebuiltGradient, rebuild, rebuild_is_finite
 from lbgm.tasks.models import build_model
-from lbgm.common.robust import (
+from lbgm.server.robust import (
     LOSS_JUMP_FLOOR, GlobalModel, RobustRule, aggregate_round, bound_updates, layer_norms, median_norms,
     refusal_reason,
 )

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.grpc_options import CHANNEL_OPTIONS, ERROR_DETAIL_KEY, PROTOCOL, worker_metadata
 from lbgm.common.wire import ScalarEntry, read_task, submit_update_call, update_parts
 from lbgm.v1 import lbgm_pb2 as pb

@@ -17,7 +17,7 @@ from lbgm.report.plots import write_report
 from lbgm.report.runs import ReportError, Run, archive_runs, load_runs
 from lbgm.sweep.grid import SweepError, grid_configs, read_sweep_table, run_name
 from lbgm.sweep.runner import is_complete
-from lbgm.common.config import ExperimentConfig, config_to_toml
+from lbgm.experiment.config import ExperimentConfig, config_to_toml
 
 from conftest import FAST
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lbgm.cli.main import main
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.model_spec import describe_model, model_differences
 from lbgm.task import LocalResult, Task
 from lbgm.worker.trainer import LocalTrainer, update_of

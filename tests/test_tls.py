@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.grpc_options import WORKER_ID_KEY, worker_metadata
 from lbgm.common.tls import ChannelTls, channel_credentials, is_loopback, open_channel, worker_cert_paths
 from lbgm.common.wire import update_parts

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from lbgm.cli.main import main
 from lbgm.common.codec import tensor_to_bytes
-from lbgm.common.config import ExperimentConfig
+from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.state_files import load
 from lbgm.common.weights import read_weights
 from lbgm.server.evaluation import aggregate_evaluations, checked_report, load_state

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lbgm.common.compressors import COMPRESSORS, CompressorSettings
-from lbgm.common.robust import RobustRule
+from lbgm.server.robust import RobustRule
 from lbgm.task import TaskOptions
 from lbgm.task.loader import BUILTIN_TASK
 
