@@ -272,6 +272,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     device_option(args.device, "--device")  # here, before anything starts; the processes resolve their own
     device_option(args.server_device, "--server-device")
     config = config_from_args(args)
+    if config.weights:  # a bad weights file stops the run here, before its folder is touched
+        from lbgm.common.weights import WeightsError, read_weights
+        try:
+            read_weights(Path(config.weights))
+        except WeightsError as error:
+            raise UsageError(str(error)) from None
     return run_federation(config, args.out_dir, args.processes, args.log_level, args.log_format,
                           server_args=("--device", args.server_device), worker_args=("--device", args.device))
 

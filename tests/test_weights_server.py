@@ -191,16 +191,17 @@ def bad_weights_files(folder: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
-def test_bad_weights_files_stop_the_server_with_one_line_and_nothing_written(tmp_path, capsys):
+@pytest.mark.parametrize("command", [["server", "--port", "0"], ["run"]], ids=["server", "run"])
+def test_bad_weights_files_stop_the_server_and_run_with_one_line_and_nothing_written(tmp_path, capsys, command):
     out = tmp_path / "runs"
     keep = out / "lbgm" / "metrics.jsonl"  # a run the server must not clear
     keep.parent.mkdir(parents=True)
     keep.write_text("{}\n")
     for what, (path, message) in bad_weights_files(tmp_path / "files").items():
-        status = main(["server", "--weights", str(path), "--port", "0", "--out-dir", str(out), "--rounds", "1"])
+        status = main([*command, "--weights", str(path), "--out-dir", str(out), "--rounds", "1"])
         error = capsys.readouterr().err.strip().splitlines()
         assert status == 2, what
-        assert len(error) == 1 and error[0].startswith("lbgm server: error: weights file "), (what, error)
+        assert len(error) == 1 and error[0].startswith(f"lbgm {command[0]}: error: weights file "), (what, error)
         assert message in error[0], (what, error[0])
         assert sorted(p.relative_to(out) for p in out.rglob("*")) == [Path("lbgm"), Path("lbgm/metrics.jsonl")], what
 
