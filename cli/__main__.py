@@ -2,6 +2,6 @@
 
 import sys
 
-from lbgm.cli.main import main
+from lbgm.cli.entry import main
 
 sys.exit(main())

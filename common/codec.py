@@ -15,11 +15,9 @@ from collections.abc import Sequence
 import torch
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
+from lbgm.common.grpc_options import CHUNK_BYTES  # ~1 MiB: per-message overhead vanishes, far below gRPC's limits
 from lbgm.v1 import lbgm_pb2 as pb
 
-# ~1 MiB: big enough that per-message overhead vanishes, small enough to stay
-# far below gRPC's default 4 MiB receive limit.
-CHUNK_BYTES = 1 << 20
 # No model tensor has more dimensions (a convolution's weight has 4); a shape with
 # more is refused before anything is computed from it.
 MAX_DIMS = 8

@@ -5,8 +5,7 @@ are set a little above that instead of relying on defaults; a peer that sends
 a bigger message gets RESOURCE_EXHAUSTED before anything is parsed.
 """
 
-from lbgm.common.codec import CHUNK_BYTES
-
+CHUNK_BYTES = 1 << 20  # the size tensors are cut into on the wire (lbgm.common.codec)
 MAX_MESSAGE_BYTES = 4 * CHUNK_BYTES
 
 CHANNEL_OPTIONS = [

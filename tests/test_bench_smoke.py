@@ -30,6 +30,15 @@ def test_transport_reports_positive_throughput_and_their_ratio(tmp_path: Path) -
     assert "| 100,000 |" in printed
 
 
+def test_healthcheck_measures_both_ways_against_a_running_server(tmp_path: Path) -> None:
+    out = tmp_path / "healthcheck.json"
+    run_bench("healthcheck", "--repeats", "1", "--out", str(out))
+    results = json.loads(out.read_text())
+    light, full = results["lbgm health (light entry point)"], results["through lbgm.cli.main (before)"]
+    assert light["runs"] == full["runs"] == 1 and light["cpu_seconds_median"] > 0
+    assert results["cpu_ratio_before_over_light"] == pytest.approx(full["cpu_seconds_median"] / light["cpu_seconds_median"])
+
+
 def test_scalar_path_bytes_add_up_and_latencies_are_measured(tmp_path: Path) -> None:
     out = tmp_path / "scalar_path.json"
     printed = run_bench("scalar_path", "--models", "mlp", "resnet18", "--calls", "20", "--warmup", "2",

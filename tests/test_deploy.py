@@ -281,6 +281,23 @@ def test_health_is_serving_while_the_server_waits_for_workers(tmp_path, processe
     assert "unhealthy: NOT_FOUND" in capsys.readouterr().out
 
 
+def test_the_lbgm_entry_point_runs_health_without_importing_torch():
+    """Container healthchecks start `lbgm health` every 30 s: it must not pay for importing torch."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = ("import sys; from lbgm.cli.entry import main; status = main(['health', '--server', '127.0.0.1:%d', "
+            "'--timeout', '2']); print(sorted(m for m in ('torch', 'lbgm.cli.main') if m in sys.modules)); "
+            "sys.exit(status)" % port)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "unhealthy: UNAVAILABLE" in done.stdout and done.stdout.splitlines()[-1] == "[]"
+    bad = subprocess.run([sys.executable, "-m", "lbgm.cli", "health", "--server", "127.0.0.1:1", "--tls-cert", "x.crt"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "lbgm health: error: --tls-cert and --tls-key go together: give both or neither"]
+
+
 def test_health_fails_against_a_closed_port(capsys):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
