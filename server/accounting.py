@@ -109,10 +109,34 @@ class RunRecorder:
         return summary
 
 
+def savings_fraction(sent_bytes: int, reference_bytes: int) -> float:
+    """1 - sent / reference; 0 when there is nothing to compare against."""
+    return 1.0 - sent_bytes / reference_bytes if reference_bytes else 0.0
+
+
+def full_equivalent_downlink_bytes(record: dict[str, Any]) -> int:
+    """What sending every receiving worker the whole float32 model would have cost the round (delta = 0 on the
+    downlink). Records written before the downlink could send less than the model lack the field: their
+    rounds did send it whole, so the bytes sent are their own equivalent."""
+    return record.get("full_equivalent_downlink_bytes", record["downlink_bytes"])
+
+
+def downlink_bytes_by_kind(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Downlink bytes per message kind over the rounds: task, model (whole models), update (full layers of a
+    global update), scalar (its scalar layers), control (idle and finished replies)."""
+    totals: dict[str, int] = defaultdict(int)
+    for record in records:
+        for kind, count in record.get("downlink_by_kind", {}).items():
+            totals[kind] += count
+    return dict(totals)
+
+
 def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     records = list(records)
     uplink = sum(r["uplink_bytes"] for r in records)
     equivalent = sum(r["full_equivalent_uplink_bytes"] for r in records)
+    downlink = sum(r["downlink_bytes"] for r in records)
+    downlink_equivalent = sum(full_equivalent_downlink_bytes(r) for r in records)
     accuracies = [r["test_accuracy"] for r in records]
     measured = [a for a in accuracies if not math.isnan(a)]  # federated evaluation may skip rounds
     return {
@@ -123,12 +147,21 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "final_accuracy_source": records[-1].get("test_source") if records else None,
         "final_accuracy_model_round": records[-1].get("test_model_round") if records else None,
         "uplink_bytes": uplink,
-        "downlink_bytes": sum(r["downlink_bytes"] for r in records),
+        "downlink_bytes": downlink,
         "full_equivalent_uplink_bytes": equivalent,
-        "uplink_savings": (1 - uplink / equivalent) if equivalent else 0.0,
+        "uplink_savings": savings_fraction(uplink, equivalent),
+        "full_equivalent_downlink_bytes": downlink_equivalent,
+        "downlink_savings": savings_fraction(downlink, downlink_equivalent),
+        "total_bytes": uplink + downlink,
+        "full_equivalent_total_bytes": equivalent + downlink_equivalent,
+        "total_savings": savings_fraction(uplink + downlink, equivalent + downlink_equivalent),
+        "downlink_bytes_by_kind": downlink_bytes_by_kind(records),
         "floats_uploaded": sum(r["floats_uploaded"] for r in records),
         "full_equivalent_floats": sum(r["full_equivalent_floats"] for r in records),
         "full_units": sum(r["full_units"] for r in records),
         "scalar_units": sum(r["scalar_units"] for r in records),
+        # Decision units of the global updates broadcast (once per round, not per worker); 0 before them.
+        "downlink_full_units": sum(r.get("downlink_full_units", 0) for r in records),
+        "downlink_scalar_units": sum(r.get("downlink_scalar_units", 0) for r in records),
         "refused_uploads": sum(sum(r["refused"].values()) for r in records),
     }

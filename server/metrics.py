@@ -6,8 +6,11 @@ collide. Two sources feed it:
 
 - events, counted by the Coordinator at its byte-accounting points: bytes up
   and down by message kind (the same serialized sizes as metrics.jsonl),
-  decision units, refused uploads, round durations. These counters start at
-  zero when the server process starts, also after `--resume`;
+  decision units, refused uploads, round durations; and per round record what
+  delta = 0 would have sent each way, so a dashboard can chart the saving
+  (1 - sum(lbgm_downlink_bytes_total) /
+  lbgm_full_equivalent_bytes_total{direction="down"}; the uplink's alike).
+  These counters start at zero when the server process starts, also after `--resume`;
 - state, read at scrape time: round, rounds completed, workers registered, test
   accuracy and loss come from the same StatusReply `lbgm status` shows
   (`lbgm_rounds_completed_total` therefore continues from the checkpoint after
@@ -32,13 +35,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from lbgm.server.accounting import resident_memory_bytes
+from lbgm.server.accounting import full_equivalent_downlink_bytes, resident_memory_bytes
 from lbgm.v1 import lbgm_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -47,8 +51,10 @@ log = logging.getLogger(__name__)
 ROUND_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 # lbgm.common.wire's kinds, the workers' evaluation reports, and refusals
 UPLINK_KINDS = ("header", "full", "scalar", "buffer", "evaluation", "refused")
-DOWNLINK_KINDS = ("task", "model", "control")
+# the round task, whole models, a global update's full layers and its scalars, idle/finished replies
+DOWNLINK_KINDS = ("task", "model", "update", "scalar", "control")
 UNIT_KINDS = ("scalar", "full")
+DIRECTIONS = ("up", "down")
 REFUSAL_REASONS = tuple(name for name in pb.ErrorDetail.Reason.keys() if name != "REASON_UNSPECIFIED")
 # Twice the longest long poll AggregatorService grants: an idle worker calls again well within it.
 POLL_ALLOWANCE_SECONDS = 60.0
@@ -110,6 +116,13 @@ class ServerMetrics:
                                  ["kind"], registry=registry)
         self._units = Counter("lbgm_units_uploaded", "decision units of accepted uploads, sent as one scalar "
                               "or in full", ["kind"], registry=registry)
+        self._downlink_units = Counter("lbgm_downlink_units", "decision units of the global updates broadcast, "
+                                       "once per round (not per worker), as one scalar or in full",
+                                       ["kind"], registry=registry)
+        self._full_equivalent = Counter("lbgm_full_equivalent_bytes", "bytes delta = 0 would have sent in the "
+                                        "recorded rounds, by direction: every participant's upload in full "
+                                        "(up), every receiving worker the whole float32 model (down)",
+                                        ["direction"], registry=registry)
         self._refused = Counter("lbgm_refused_uploads", "uploads refused, by ErrorDetail reason; UNAUTHENTICATED "
                                 "counts every call refused for its credentials (join, poll, upload, state digest)",
                                 ["reason"], registry=registry)
@@ -122,7 +135,8 @@ class ServerMetrics:
                                   "guard (non-finite, or test loss jumped); the previous model was kept",
                                   registry=registry)
         for counter, labels in ((self._uplink, UPLINK_KINDS), (self._downlink, DOWNLINK_KINDS),
-                                (self._units, UNIT_KINDS), (self._refused, REFUSAL_REASONS)):
+                                (self._units, UNIT_KINDS), (self._downlink_units, UNIT_KINDS),
+                                (self._full_equivalent, DIRECTIONS), (self._refused, REFUSAL_REASONS)):
             for label in labels:
                 counter.labels(label)  # export zeros: a series that appears late breaks rate()
         Gauge("lbgm_workers_connected", f"workers that started a call within the last "
@@ -161,6 +175,13 @@ class ServerMetrics:
         self._round_seconds.observe(seconds)
         self._clipped.inc(clipped_updates)
         self._discarded.inc(int(discarded))
+
+    def round_recorded(self, record: dict[str, Any]) -> None:
+        """A round's metrics.jsonl record: what delta = 0 would have sent each way, and the downlink's units."""
+        self._full_equivalent.labels("up").inc(record["full_equivalent_uplink_bytes"])
+        self._full_equivalent.labels("down").inc(full_equivalent_downlink_bytes(record))
+        self._downlink_units.labels("scalar").inc(record.get("downlink_scalar_units", 0))
+        self._downlink_units.labels("full").inc(record.get("downlink_full_units", 0))
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
