@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from lbgm.cli.options import add_log_level
-from lbgm.report.plots import write_report
+from lbgm.report.plots import PLOTS, write_report
 from lbgm.report.runs import archive_runs, load_runs
 
 DEFAULT_TARGET_ACCURACY = 0.9
@@ -30,15 +30,16 @@ def target_accuracy(text: str) -> float:
 
 def add_target_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-accuracy", type=target_accuracy, default=DEFAULT_TARGET_ACCURACY,
-                        help=f"accuracy whose rounds and uplink bytes to reach are reported "
+                        help=f"accuracy whose rounds, uplink bytes and total bytes to reach are reported "
                              f"(default: {DEFAULT_TARGET_ACCURACY})")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     report = commands.add_parser(
-        "report", help="plot and tabulate runs: accuracy against uplink bytes and rounds",
-        description="Write accuracy_vs_uplink.png, accuracy_vs_rounds.png and report.md for the given runs "
-                    "and print the table. Savings are measured against a delta = 0 run with otherwise "
+        "report", help="plot and tabulate runs: accuracy against uplink bytes, all bytes and rounds",
+        description=f"Write {', '.join(name for name, _ in PLOTS.values())} and report.md for the given runs "
+                    "and print the tables: bytes up, down and in total with their savings, and the downlink "
+                    "by message kind. Savings are measured against a delta = 0 run with otherwise "
                     "identical settings when the set holds one.")
     report.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR_OR_PARENT",
                         help="a run folder (holding metrics.jsonl, or metrics.jsonl.gz as archived) "
@@ -60,7 +61,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         archive_runs(runs, args.archive)
     table = write_report(runs, args.out, args.target_accuracy, args.title)
     print(table, end="")
-    print(f"\nwrote {args.out / 'report.md'}, accuracy_vs_uplink.png and accuracy_vs_rounds.png")
+    print(f"\nwrote {args.out / 'report.md'}, {', '.join(name for name, _ in PLOTS.values())}")
     if args.archive is not None:
         print(f"archived the records of {len(runs)} runs in {args.archive}")
     return 0

@@ -1,5 +1,5 @@
 """Comparing runs: totals, rounds to a target accuracy, savings against a measured
-delta = 0 run, and the markdown table of a report.
+delta = 0 run (uplink, downlink and both together), and the markdown tables of a report.
 
 Pure functions over the records of metrics.jsonl, apart from reading folders and
 drawing plots, so the numbers in a report can be checked on hand-written records.
@@ -13,31 +13,40 @@ from dataclasses import dataclass
 from typing import Any
 
 from lbgm.report.runs import Run
-from lbgm.server.accounting import summarize
+from lbgm.server.accounting import savings_fraction, summarize
 
 # Settings that say where files go, how often state is saved and how evaluation is
 # batched: they change neither the training nor the bytes, so runs are compared across them.
 BOOKKEEPING_SETTINGS = frozenset({"name", "data_dir", "checkpoint_every", "eval_batch_size"})
+# The settings of a delta = 0 run, both ways: every upload in full, and every worker the whole
+# float32 model. Configs written before the downlink settings existed did exactly that.
+DELTA0_SETTINGS = {"delta": 0, "downlink_delta": 0, "downlink_dtype": "float32"}
 # Settings that do not change what a delta = 0 run sends: every layer goes in full
 # whatever the granularity, and there is no scalar residual to feed back.
-IGNORED_FOR_BASELINE = BOOKKEEPING_SETTINGS | {"delta", "error_feedback", "granularity"}
+IGNORED_FOR_BASELINE = BOOKKEEPING_SETTINGS | DELTA0_SETTINGS.keys() | {"error_feedback", "granularity"}
 ESTIMATED_MARK = "†"
+DIRECTIONS = ("uplink", "downlink", "total")  # Savings' fields, in order
+# Downlink kinds in the order a report lists them (lbgm.server.metrics.DOWNLINK_KINDS); others follow.
+DOWNLINK_KIND_ORDER = ("task", "model", "update", "scalar", "control")
 
 
 @dataclass(frozen=True)
 class TargetHit:
-    """The first round whose test accuracy reached the target, and the uplink spent until then."""
+    """The first round whose test accuracy reached the target, and the bytes spent until then."""
 
     round: int
     uplink_bytes: int
+    total_bytes: int  # uplink and downlink
 
 
 @dataclass(frozen=True)
 class Savings:
-    """Uplink saved against delta = 0; `baseline` names the measured delta = 0 run,
-    or is None when the run's own all-full equivalent stood in for it."""
+    """Bytes saved against delta = 0 (1 - sent / delta = 0's) up, down and both together; `baseline`
+    names the measured delta = 0 run, or is None when the run's own delta = 0 equivalents stood in for it."""
 
-    fraction: float
+    uplink: float
+    downlink: float
+    total: float
     baseline: str | None
 
 
@@ -49,30 +58,34 @@ class Row:
     best_accuracy: float
     final_loss: float  # the last recorded test loss
     uplink_bytes: int
+    downlink_bytes: int
+    downlink_by_kind: dict[str, int]
+    downlink_units: tuple[int, int]  # (scalar, full) decision units of the broadcast global updates
     savings: Savings
     target: TargetHit | None
 
 
-def cumulative_uplink(records: Iterable[dict[str, Any]]) -> list[int]:
-    """Uplink bytes sent up to and including each round."""
+def cumulative_bytes(records: Iterable[dict[str, Any]], direction: str = "uplink") -> list[int]:
+    """Bytes sent up to and including each round: direction 'uplink', 'downlink' or 'total' (both)."""
+    keys = ("uplink_bytes", "downlink_bytes") if direction == "total" else (f"{direction}_bytes",)
     total, running = 0, []
     for record in records:
-        total += record["uplink_bytes"]
+        total += sum(record[key] for key in keys)
         running.append(total)
     return running
 
 
 def rounds_to_target(records: Sequence[dict[str, Any]], target: float) -> TargetHit | None:
     """The first round with test accuracy >= target (reaching it exactly counts), or None."""
-    for record, spent in zip(records, cumulative_uplink(records)):
+    for record, uplink, total in zip(records, cumulative_bytes(records), cumulative_bytes(records, "total")):
         if record["test_accuracy"] >= target:
-            return TargetHit(record["round"], spent)
+            return TargetHit(record["round"], uplink, total)
     return None
 
 
-def savings_fraction(uplink_bytes: int, reference_bytes: int) -> float:
-    """1 - sent / reference; 0 when there is nothing to compare against."""
-    return 1.0 - uplink_bytes / reference_bytes if reference_bytes else 0.0
+def is_delta0(config: dict[str, Any]) -> bool:
+    """Whether a run sent everything in full both ways (settings it lacks have their delta = 0 value)."""
+    return all(config.get(key, value) == value for key, value in DELTA0_SETTINGS.items())
 
 
 def same_but_delta(config: dict[str, Any], other: dict[str, Any]) -> bool:
@@ -84,21 +97,24 @@ def same_but_delta(config: dict[str, Any], other: dict[str, Any]) -> bool:
 def find_baseline(run: Run, runs: Sequence[Run]) -> Run | None:
     """A measured delta = 0 run with otherwise identical settings and as many completed rounds."""
     for candidate in runs:
-        if (candidate.config.get("delta") == 0 and len(candidate.records) == len(run.records)
+        if (is_delta0(candidate.config) and len(candidate.records) == len(run.records)
                 and same_but_delta(run.config, candidate.config)):
             return candidate
     return None
 
 
 def savings(run: Run, runs: Sequence[Run]) -> Savings:
-    """Savings against the measured delta = 0 twin if the set holds one, else against the
-    run's own full_equivalent_uplink_bytes (the serialized size of an all-full upload)."""
+    """Savings against the measured delta = 0 twin if the set holds one, else against the run's own
+    delta = 0 equivalents (the serialized size of an all-full upload, of the whole model to every receiver)."""
     totals = summarize(run.records)
     baseline = find_baseline(run, runs)
     if baseline is None:
-        return Savings(savings_fraction(totals["uplink_bytes"], totals["full_equivalent_uplink_bytes"]), None)
-    reference = summarize(baseline.records)["uplink_bytes"]
-    return Savings(savings_fraction(totals["uplink_bytes"], reference), baseline.name)
+        reference, name = {direction: totals[f"full_equivalent_{direction}_bytes"] for direction in DIRECTIONS}, None
+    else:
+        measured = summarize(baseline.records)
+        reference, name = {direction: measured[f"{direction}_bytes"] for direction in DIRECTIONS}, baseline.name
+    return Savings(*(savings_fraction(totals[f"{direction}_bytes"], reference[direction])
+                     for direction in DIRECTIONS), name)
 
 
 def differing_settings(runs: Sequence[Run]) -> list[str]:
@@ -118,8 +134,10 @@ def build_rows(runs: Sequence[Run], target: float) -> list[Row]:
         rows.append(Row(
             name=run.name, settings={key: run.config.get(key) for key in keys},
             final_accuracy=totals["final_accuracy"], best_accuracy=totals["best_accuracy"],
-            final_loss=last_test_loss(run.records), uplink_bytes=totals["uplink_bytes"], savings=savings(run, runs),
-            target=rounds_to_target(run.records, target)))
+            final_loss=last_test_loss(run.records), uplink_bytes=totals["uplink_bytes"],
+            downlink_bytes=totals["downlink_bytes"], downlink_by_kind=totals["downlink_bytes_by_kind"],
+            downlink_units=(totals["downlink_scalar_units"], totals["downlink_full_units"]),
+            savings=savings(run, runs), target=rounds_to_target(run.records, target)))
     return rows
 
 
@@ -135,40 +153,69 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _savings_cell(value: Savings) -> str:
-    percent = f"{100 * value.fraction:.1f}%"
-    return percent if value.baseline is not None else f"{percent} {ESTIMATED_MARK}"
+def _savings_cell(fraction: float, baseline: str | None) -> str:
+    percent = f"{100 * fraction:.1f}%"
+    return percent if baseline is not None else f"{percent} {ESTIMATED_MARK}"
+
+
+def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(cells) + " |" for cells in rows)]
 
 
 def format_table(rows: Sequence[Row], target: float) -> str:
-    """The markdown table of a report, with footnotes for estimated savings."""
+    """The markdown tables of a report: bytes each way and savings, with footnotes for estimated savings,
+    then the downlink's bytes by message kind."""
     keys = list(rows[0].settings) if rows else []
     # A task that measures no accuracy (a regression, say): its test loss instead, and no target.
     accuracy = any(math.isfinite(row.final_accuracy) for row in rows)
     quality = ["final acc", "best acc"] if accuracy else ["final test loss"]
-    targets = [f"rounds to {target:g}", f"uplink bytes to {target:g}"] if accuracy else []
-    header = ["run", *keys, *quality, "uplink bytes", "savings vs delta=0", *targets]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    targets = [f"rounds to {target:g}", f"uplink bytes to {target:g}", f"total bytes to {target:g}"] if accuracy else []
+    header = ["run", *keys, *quality, *(f"{direction} {figure}" for direction in DIRECTIONS
+                                        for figure in ("bytes", "saved")), *targets]
+    cells = []
     for row in rows:
-        reached = ([str(row.target.round), f"{row.target.uplink_bytes:,}"] if row.target
-                   else ["not reached", "not reached"])
+        reached = ([str(row.target.round), f"{row.target.uplink_bytes:,}", f"{row.target.total_bytes:,}"]
+                   if row.target else ["not reached"] * 3)
         figures = [f"{row.final_accuracy:.4f}", f"{row.best_accuracy:.4f}"] if accuracy else [f"{row.final_loss:.4f}"]
-        cells = [row.name, *(_cell(row.settings[key]) for key in keys), *figures, f"{row.uplink_bytes:,}",
-                 _savings_cell(row.savings), *(reached if accuracy else [])]
-        lines.append("| " + " | ".join(cells) + " |")
-    notes = _footnotes(rows)
-    return "\n".join([*lines, *([""] + notes if notes else [])]) + "\n"
+        sent = (row.uplink_bytes, row.downlink_bytes, row.uplink_bytes + row.downlink_bytes)
+        saved = (row.savings.uplink, row.savings.downlink, row.savings.total)
+        cells.append([row.name, *(_cell(row.settings[key]) for key in keys), *figures,
+                      *(text for count, fraction in zip(sent, saved)
+                        for text in (f"{count:,}", _savings_cell(fraction, row.savings.baseline))),
+                      *(reached if accuracy else [])])
+    by_kind = _downlink_table(rows)
+    tables = [*_markdown_table(header, cells), "", *_footnotes(rows), *([""] + by_kind if by_kind else [])]
+    return "\n".join(tables) + "\n"
+
+
+def _downlink_table(rows: Sequence[Row]) -> list[str]:
+    """Downlink bytes per message kind, the kinds any run sent, and the broadcast's units where it had any;
+    nothing for records that name no kinds."""
+    sent = {kind for row in rows for kind, count in row.downlink_by_kind.items() if count}
+    kinds = [kind for kind in DOWNLINK_KIND_ORDER if kind in sent] + sorted(sent - set(DOWNLINK_KIND_ORDER))
+    units = any(sum(row.downlink_units) for row in rows)
+    if not kinds and not units:
+        return []
+    header = ["run", *kinds, *(["downlink units (scalar / full)"] if units else [])]
+    cells = [[row.name, *(f"{row.downlink_by_kind.get(kind, 0):,}" for kind in kinds),
+              *([f"{row.downlink_units[0]} / {row.downlink_units[1]}"] if units else [])] for row in rows]
+    return ["Downlink bytes by message kind (task: the round's settings; model: whole models; update and scalar: "
+            "the global update's full and scalar layers; control: idle and finished replies):", "",
+            *_markdown_table(header, cells)]
 
 
 def _footnotes(rows: Sequence[Row]) -> list[str]:
-    notes = []
+    notes = ["Saved: 1 - bytes sent / the bytes of delta = 0 (every upload in full, the whole float32 model to "
+             "every worker), uplink, downlink and both together (total)."]
     measured = [f"{row.name} vs {row.savings.baseline}" for row in rows
                 if row.savings.baseline not in (None, row.name)]
     if measured:
-        notes.append("Savings compare measured uplink bytes with the delta = 0 run of otherwise identical "
+        notes.append("Savings compare measured bytes with the delta = 0 run of otherwise identical "
                      f"settings: {'; '.join(measured)}.")
     if any(row.savings.baseline is None for row in rows):
         notes.append(f"{ESTIMATED_MARK} No delta = 0 run with otherwise identical settings and as many rounds "
                      "in this set: savings against the run's own delta = 0 equivalent (the serialized size "
-                     "of an all-full upload by the same participants).")
+                     "of an all-full upload by the same participants, and of the whole model sent to every "
+                     "worker that received one).")
     return notes

@@ -1,5 +1,5 @@
-"""The plots of a report (test accuracy against uplink bytes and against rounds) and the
-report.md that shows them under the comparison table."""
+"""The plots of a report (test accuracy against uplink bytes, against uplink and downlink bytes
+together, and against rounds) and the report.md that shows them under the comparison tables."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from lbgm.report.comparison import build_rows, cumulative_uplink, format_table
+from lbgm.report.comparison import build_rows, cumulative_bytes, format_table
 from lbgm.report.runs import ReportError, Run
+
+# x axis of plot_accuracy -> (file name, label in titles and report.md); a byte axis is cumulative and logarithmic
+PLOTS = {
+    "uplink": ("accuracy_vs_uplink.png", "uplink"),
+    "total": ("accuracy_vs_total_bytes.png", "uplink + downlink"),
+    "rounds": ("accuracy_vs_rounds.png", "rounds"),
+}
 
 
 def plotted_metric(runs: Sequence[Run]) -> str:
@@ -19,7 +26,7 @@ def plotted_metric(runs: Sequence[Run]) -> str:
 
 def plot_accuracy(runs: Sequence[Run], x_axis: str, path: Path, title: str, target: float) -> None:
     """Test accuracy (test loss if the runs have no accuracy) per round of every run against x_axis:
-    'uplink' (cumulative bytes, log) or 'rounds'."""
+    'uplink' or 'total' (cumulative bytes, log) or 'rounds'."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,15 +36,15 @@ def plot_accuracy(runs: Sequence[Run], x_axis: str, path: Path, title: str, targ
     figure, axes = plt.subplots(figsize=(8, 5), dpi=120)
     few_points = max(len(run.records) for run in runs) <= 30
     for run in runs:
-        xs = (cumulative_uplink(run.records) if x_axis == "uplink"
+        xs = (cumulative_bytes(run.records, x_axis) if x_axis != "rounds"
               else [record["round"] for record in run.records])
         axes.plot(xs, [record[metric] for record in run.records], label=run.name,
                   marker="o" if few_points else None, markersize=3, linewidth=1.5)
     if metric == "test_accuracy":
         axes.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
-    if x_axis == "uplink":
+    if x_axis != "rounds":
         axes.set_xscale("log")
-        axes.set_xlabel("cumulative uplink (bytes, log scale)")
+        axes.set_xlabel(f"cumulative {PLOTS[x_axis][1]} (bytes, log scale)")
     else:
         axes.set_xlabel("round")
     axes.set_ylabel(metric.replace("_", " "))
@@ -51,15 +58,14 @@ def plot_accuracy(runs: Sequence[Run], x_axis: str, path: Path, title: str, targ
 
 
 def write_report(runs: Sequence[Run], out: Path, target: float, title: str) -> str:
-    """Writes the two plots and report.md into `out`; returns the markdown table."""
+    """Writes the plots (PLOTS) and report.md into `out`; returns the markdown tables."""
     if not runs:
         raise ReportError("no runs to report")
     out.mkdir(parents=True, exist_ok=True)
     shown = plotted_metric(runs).replace("test_", "")
-    plot_accuracy(runs, "uplink", out / "accuracy_vs_uplink.png", f"{title}: {shown} vs uplink", target)
-    plot_accuracy(runs, "rounds", out / "accuracy_vs_rounds.png", f"{title}: {shown} vs rounds", target)
+    for x_axis, (name, label) in PLOTS.items():
+        plot_accuracy(runs, x_axis, out / name, f"{title}: {shown} vs {label}", target)
     table = format_table(build_rows(runs, target), target)
-    (out / "report.md").write_text(
-        f"# {title}\n\n{table}\n![accuracy vs uplink](accuracy_vs_uplink.png)\n\n"
-        "![accuracy vs rounds](accuracy_vs_rounds.png)\n")
+    images = "\n".join(f"![accuracy vs {label}]({name})\n" for name, label in PLOTS.values())
+    (out / "report.md").write_text(f"# {title}\n\n{table}\n{images}")
     return table

@@ -49,7 +49,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_target_reached_in_round_one_costs_only_that_rounds_uplink():
     records = [record(1, 0.95, uplink=70), record(2, 0.97, uplink=30)]
-    assert rounds_to_target(records, 0.9) == TargetHit(round=1, uplink_bytes=70)
+    assert rounds_to_target(records, 0.9) == TargetHit(round=1, uplink_bytes=70, total_bytes=70)
 
 
 def test_target_never_reached_gives_none():
@@ -58,27 +58,27 @@ def test_target_never_reached_gives_none():
 
 def test_reaching_the_target_exactly_counts_and_uplink_is_cumulative():
     records = [record(1, 0.5, uplink=10), record(2, 0.8, uplink=20), record(3, 0.9, uplink=40)]
-    assert rounds_to_target(records, 0.9) == TargetHit(round=3, uplink_bytes=70)
+    assert rounds_to_target(records, 0.9) == TargetHit(round=3, uplink_bytes=70, total_bytes=70)
 
 
 # ------------------------------------------------------------------ savings against delta = 0
 
 def test_savings_are_measured_against_the_delta0_run_with_the_same_settings():
     lbgm, fedavg = run("lbgm", [0.5, 0.6], uplink=100), run("fedavg", [0.5, 0.6], uplink=400, delta=0.0)
-    assert savings(lbgm, [lbgm, fedavg]) == Savings(fraction=0.75, baseline="fedavg")
-    assert savings(fedavg, [lbgm, fedavg]) == Savings(fraction=0.0, baseline="fedavg")
+    assert savings(lbgm, [lbgm, fedavg]) == Savings(uplink=0.75, downlink=0.0, total=0.75, baseline="fedavg")
+    assert savings(fedavg, [lbgm, fedavg]) == Savings(uplink=0.0, downlink=0.0, total=0.0, baseline="fedavg")
 
 
 def test_the_delta0_baseline_may_differ_in_error_feedback_and_granularity():
     lbgm = run("lbgm", [0.5], uplink=100, error_feedback=True, granularity="model")
     fedavg = run("fedavg", [0.5], uplink=200, delta=0.0)
-    assert savings(lbgm, [lbgm, fedavg]) == Savings(fraction=0.5, baseline="fedavg")
+    assert savings(lbgm, [lbgm, fedavg]) == Savings(uplink=0.5, downlink=0.0, total=0.5, baseline="fedavg")
 
 
 def test_bookkeeping_settings_neither_break_the_baseline_nor_make_columns():
     lbgm = run("lbgm", [0.5], uplink=100, checkpoint_every=1, data_dir="/a", eval_batch_size=500)
     fedavg = run("fedavg", [0.5], uplink=200, delta=0.0, checkpoint_every=5, data_dir="/b", eval_batch_size=1000)
-    assert savings(lbgm, [lbgm, fedavg]) == Savings(fraction=0.5, baseline="fedavg")
+    assert savings(lbgm, [lbgm, fedavg]) == Savings(uplink=0.5, downlink=0.0, total=0.5, baseline="fedavg")
     header = format_table(build_rows([lbgm, fedavg], 0.9), 0.9).splitlines()[0]
     assert not any(key in header for key in ("checkpoint_every", "data_dir", "eval_batch_size"))
 
@@ -86,7 +86,7 @@ def test_bookkeeping_settings_neither_break_the_baseline_nor_make_columns():
 def test_without_a_delta0_twin_savings_fall_back_to_the_runs_own_full_equivalent():
     lbgm = run("lbgm", [0.5, 0.6], uplink=100)  # full equivalent: 400 bytes a round
     other_seed = run("fedavg-seed1", [0.5, 0.6], uplink=300, delta=0.0, seed=1)
-    assert savings(lbgm, [lbgm, other_seed]) == Savings(fraction=0.75, baseline=None)
+    assert savings(lbgm, [lbgm, other_seed]) == Savings(uplink=0.75, downlink=0.0, total=0.75, baseline=None)
 
 
 def test_a_delta0_run_with_fewer_completed_rounds_is_no_baseline():
@@ -107,9 +107,9 @@ def test_table_has_a_row_per_run_and_columns_only_for_settings_that_differ():
     lines = format_table(build_rows(runs, 0.9), 0.9).splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     assert header[:3] == ["run", "delta", "seed"] and "workers" not in header
-    assert "savings vs delta=0" in header
-    assert lines[2].startswith("| a | 0.2 | 0 | 0.9500 | 0.9500 | 200 |") and lines[2].endswith("| 2 | 200 |")
-    assert lines[3].endswith("| not reached | not reached |")
+    assert "total saved" in header
+    assert lines[2].startswith("| a | 0.2 | 0 | 0.9500 | 0.9500 | 200 |") and lines[2].endswith("| 2 | 200 | 200 |")
+    assert lines[3].endswith("| not reached | not reached | not reached |")
 
 
 def test_runs_without_accuracy_report_their_test_loss_in_the_table_and_the_plots(tmp_path):
@@ -120,9 +120,10 @@ def test_runs_without_accuracy_report_their_test_loss_in_the_table_and_the_plots
             for name, delta, uplink in (("lbgm", 0.2, 60), ("fedavg", 0.0, 100))]
     table = write_report(runs, tmp_path, 0.9, "regression")
     lines = table.splitlines()
-    assert lines[0] == "| run | delta | final test loss | uplink bytes | savings vs delta=0 |"
-    assert lines[2] == "| lbgm | 0.2 | 2.0000 | 180 | 40.0% |"
-    for name in ("accuracy_vs_uplink.png", "accuracy_vs_rounds.png"):
+    assert lines[0] == ("| run | delta | final test loss | uplink bytes | uplink saved | downlink bytes | "
+                        "downlink saved | total bytes | total saved |")
+    assert lines[2] == "| lbgm | 0.2 | 2.0000 | 180 | 40.0% | 0 | 0.0% | 180 | 40.0% |"
+    for name in ("accuracy_vs_uplink.png", "accuracy_vs_total_bytes.png", "accuracy_vs_rounds.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
 
 
@@ -235,17 +236,17 @@ def test_a_real_sweep_runs_each_grid_point_reports_them_and_resumes(tmp_path, ca
     assert sweep_args.func(sweep_args) == 0
     for name in ("grid-delta0", "grid-delta0.5"):
         assert json.loads((runs / name / "summary.json").read_text())["rounds_completed"] == 3
-    assert "savings vs delta=0" in capsys.readouterr().out
+    assert "total saved" in capsys.readouterr().out
 
     out = tmp_path / "report"
     report_args = parse("report", str(runs), "--out", str(out), "--target-accuracy", "0.5")
     assert report_args.func(report_args) == 0
-    for plot in ("accuracy_vs_uplink.png", "accuracy_vs_rounds.png"):
+    for plot in ("accuracy_vs_uplink.png", "accuracy_vs_total_bytes.png", "accuracy_vs_rounds.png"):
         assert (out / plot).read_bytes().startswith(PNG_SIGNATURE) and (out / plot).stat().st_size > 1000
     markdown = (out / "report.md").read_text()
-    assert "savings vs delta=0" in markdown
+    assert "total saved" in markdown and "| run | task | model |" in markdown  # the downlink by kind
     assert [line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| grid-")] == [
-        "grid-delta0", "grid-delta0.5"]
+        "grid-delta0", "grid-delta0.5"] * 2  # the bytes table, then the downlink by kind
     assert "†" not in markdown  # the delta = 0 run is a measured baseline for both
 
     archive, redrawn = tmp_path / "archive", tmp_path / "redrawn"
