@@ -33,7 +33,9 @@ step() {  # step NAME COMMAND...: run it and report its duration
 
 install_engine() {
   if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman runc debootstrap >/dev/null
+    # A fresh machine may have no package lists yet: fetch them when the first try fails.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman runc debootstrap >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman runc debootstrap >/dev/null; }
   fi
   # The sandbox refuses podman's default rlimits, and crun its hybrid cgroups.
   mkdir -p /etc/containers
@@ -51,7 +53,7 @@ build_base() {
   rootfs="$(mktemp -d)"
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" \
     http://deb.debian.org/debian >/dev/null
-  tar -C "$rootfs" -c . | podman import - "$base" >/dev/null
+  tar -C "$rootfs" -c . | podman import --quiet - "$base" >/dev/null
   rm -rf "$rootfs"
 }
 

@@ -15,6 +15,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -266,6 +267,47 @@ def test_k8s_secrets_hold_every_file_the_server_and_workers_read(monkeypatch):
     worker_files = {"ca.crt"} | {f"lbgm-worker-{index}.{ext}" for index in range(replicas) for ext in ("crt", "key")}
     assert worker_files == set(manifests()["Secret", "lbgm-worker-tls"]["stringData"])
     assert "server.key" not in worker_files
+
+
+KUBERNETES_VERSION = "1.31.0"  # the oldest release still supported upstream when these manifests were written
+
+
+@pytest.mark.parametrize("key", sorted(key for key in manifests() if key[0] != "Kustomization"),
+                         ids=lambda key: "/".join(key))
+def test_k8s_manifests_are_valid_objects_of_the_kubernetes_api(key):
+    """Strict validation against the API's own OpenAPI schema: a misspelt or misplaced field fails."""
+    kubernetes_validate.validate(manifests()[key], KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("kind, name", [("Deployment", "lbgm-server"), ("StatefulSet", "lbgm-worker")])
+def test_k8s_pods_run_as_the_image_user_who_can_read_the_mounted_keys(kind, name):
+    pod = manifests()[kind, name]["spec"]["template"]["spec"]
+    user = int(instruction("USER").split(":")[0])
+    context = pod["securityContext"]
+    assert context["runAsNonRoot"] and context["runAsUser"] == context["runAsGroup"] == user
+    assert context["fsGroup"] == user  # volumes, the secrets' 0440 key files included, belong to its group
+    secrets = [volume["secret"] for volume in pod["volumes"] if "secret" in volume]
+    assert secrets and all(secret["defaultMode"] & 0o040 for secret in secrets)
+
+
+def mounted(spec: dict, path: Path) -> bool:
+    return any(path.is_relative_to(mount["mountPath"]) for mount in spec["volumeMounts"])
+
+
+def test_k8s_volumes_sit_where_the_image_and_the_arguments_expect_them(monkeypatch):
+    server = container("Deployment", "lbgm-server")
+    server_args = parse(server["args"], monkeypatch, {**image_env(), **plain_env(server)})
+    server_files = [server_args.config, server_args.tls_cert, server_args.tls_key, server_args.tls_client_ca]
+    probe = parse(server["livenessProbe"]["exec"]["command"][1:], monkeypatch)
+    server_files += [Path(probe.tls_ca), Path(probe.tls_cert), Path(probe.tls_key)]
+    assert all(mounted(server, Path(path)) for path in server_files)
+    assert mounted(server, server_args.out_dir) and str(server_args.out_dir) == image_env()["LBGM_OUT_DIR"]
+    worker = container("StatefulSet", "lbgm-worker")
+    worker_args = parse(worker["args"], monkeypatch, {**image_env(), **plain_env(worker), "LBGM_NAME": "lbgm-worker-0"})
+    assert mounted(worker, Path(worker_args.tls_ca)) and mounted(worker, Path(worker_args.tls_cert_dir))
+    assert mounted(worker, worker_args.state_dir) and str(worker_args.state_dir) == image_env()["LBGM_STATE_DIR"]
+    claims = [template["metadata"]["name"] for template in manifests()["StatefulSet", "lbgm-worker"]["spec"]["volumeClaimTemplates"]]
+    assert next(mount["name"] for mount in worker["volumeMounts"] if mount["mountPath"] == "/state") in claims
 
 
 # ------------------------------------------------------------------ lbgm health
