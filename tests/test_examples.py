@@ -109,7 +109,7 @@ def test_tabular_example_saves_uplink_against_delta_zero_and_reports_what_it_mea
     assert lbgm["uplink_bytes"] < baseline["uplink_bytes"]
     assert lbgm["refused_uploads"] == baseline["refused_uploads"] == 0
     # lbgm sweep's table: the final test loss (a regression has no accuracy), then its measured savings
-    assert "| run | delta | final test loss | uplink bytes | savings vs delta=0 |" in output
+    assert "| run | delta | final test loss | uplink bytes | uplink saved | downlink bytes |" in output
     final_loss = json.loads((runs / "tabular-delta0.2" / "metrics.jsonl").read_text().splitlines()[-1])["test_loss"]
     assert f"| tabular-delta0.2 | 0.2 | {final_loss:.4f} | {lbgm['uplink_bytes']:,} | " in output
 
