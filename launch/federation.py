@@ -26,6 +26,7 @@ from tqdm import tqdm
 from lbgm.experiment.config import ExperimentConfig, config_to_toml
 from lbgm.common.grpc_options import CHANNEL_OPTIONS
 from lbgm.launch.environment import environ_without_options, new_secret, secret_variable
+from lbgm.server.accounting import format_summary
 from lbgm.task.loader import check_task
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
@@ -265,39 +266,3 @@ def _stop_all(children: list[subprocess.Popen], grace_seconds: float) -> None:
             child.wait(timeout=10)
         except subprocess.TimeoutExpired:
             child.kill()
-
-
-def _size(count: int) -> str:
-    """Bytes in MB, or kB and B for the small kinds (a run's few idle replies)."""
-    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.2f} {unit}"
-    return f"{count} B"
-
-
-def _against_delta0(summary: dict, direction: str) -> str:
-    """'X MB (delta=0 would send Y MB: Z% saved)' for direction uplink, downlink or total."""
-    sent, equivalent = summary[f"{direction}_bytes"], summary[f"full_equivalent_{direction}_bytes"]
-    return (f"{sent / 1e6:.2f} MB (delta=0 would send {equivalent / 1e6:.2f} MB: "
-            f"{100 * summary[f'{direction}_savings']:.1f}% saved)")
-
-
-def format_summary(summary: dict, run_dir: Path, wall_seconds: float) -> str:
-    by_kind = summary["downlink_bytes_by_kind"]
-    downlink_units = summary["downlink_scalar_units"] + summary["downlink_full_units"]
-    rows = [
-        ("rounds", f"{summary['rounds_completed']} in {wall_seconds:.1f} s"),
-        ("test accuracy", f"final {summary['final_accuracy']:.4f}, best {summary['best_accuracy']:.4f}"),
-        ("uplink", _against_delta0(summary, "uplink")),
-        ("downlink", _against_delta0(summary, "downlink")),
-        ("downlink by kind", ", ".join(f"{kind} {_size(count)}" for kind, count in by_kind.items() if count)),
-        ("total", _against_delta0(summary, "total")),
-        ("decision units", f"{summary['scalar_units']} scalar, {summary['full_units']} full"),
-        *([("downlink units", f"{summary['downlink_scalar_units']} scalar, {summary['downlink_full_units']} full "
-                              f"(per broadcast)")] if downlink_units else []),
-        ("floats uploaded", f"{summary['floats_uploaded']:,} (delta=0: {summary['full_equivalent_floats']:,})"),
-        ("refused uploads", f"{summary['refused_uploads']}"),
-        ("results", f"{run_dir}/metrics.jsonl, {run_dir}/summary.json"),
-    ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(["", "LBGM run summary", *(f"  {name:<{width}}  {value}" for name, value in rows)])

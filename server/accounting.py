@@ -165,3 +165,40 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "downlink_scalar_units": sum(r.get("downlink_scalar_units", 0) for r in records),
         "refused_uploads": sum(sum(r["refused"].values()) for r in records),
     }
+
+
+def _size(count: int) -> str:
+    """Bytes in MB, or kB and B for the small kinds (a run's few idle replies)."""
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count} B"
+
+
+def _against_delta0(summary: dict[str, Any], direction: str) -> str:
+    """'X MB (delta=0 would send Y MB: Z% saved)' for direction uplink, downlink or total."""
+    sent, equivalent = summary[f"{direction}_bytes"], summary[f"full_equivalent_{direction}_bytes"]
+    return (f"{sent / 1e6:.2f} MB (delta=0 would send {equivalent / 1e6:.2f} MB: "
+            f"{100 * summary[f'{direction}_savings']:.1f}% saved)")
+
+
+def format_summary(summary: dict[str, Any], run_dir: Path, wall_seconds: float) -> str:
+    """The "LBGM run summary" block that `lbgm run` prints and `lbgm server` logs at the end of a run."""
+    by_kind = summary["downlink_bytes_by_kind"]
+    downlink_units = summary["downlink_scalar_units"] + summary["downlink_full_units"]
+    rows = [
+        ("rounds", f"{summary['rounds_completed']} in {wall_seconds:.1f} s"),
+        ("test accuracy", f"final {summary['final_accuracy']:.4f}, best {summary['best_accuracy']:.4f}"),
+        ("uplink", _against_delta0(summary, "uplink")),
+        ("downlink", _against_delta0(summary, "downlink")),
+        ("downlink by kind", ", ".join(f"{kind} {_size(count)}" for kind, count in by_kind.items() if count)),
+        ("total", _against_delta0(summary, "total")),
+        ("decision units", f"{summary['scalar_units']} scalar, {summary['full_units']} full"),
+        *([("downlink units", f"{summary['downlink_scalar_units']} scalar, {summary['downlink_full_units']} full "
+                              f"(per broadcast)")] if downlink_units else []),
+        ("floats uploaded", f"{summary['floats_uploaded']:,} (delta=0: {summary['full_equivalent_floats']:,})"),
+        ("refused uploads", f"{summary['refused_uploads']}"),
+        ("results", f"{run_dir}/metrics.jsonl, {run_dir}/summary.json"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(["", "LBGM run summary", *(f"  {name:<{width}}  {value}" for name, value in rows)])

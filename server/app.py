@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.grpc_options import SERVER_OPTIONS
 from lbgm.common.tls import ServerTls, is_loopback
+from lbgm.server.accounting import format_summary
 from lbgm.server.callguard import CallGuard
 from lbgm.server.limits import CallLimits
 from lbgm.server.metrics import serve_metrics
@@ -129,6 +130,7 @@ def serve(config: ExperimentConfig, host: str, port: int, run_dir: Path, port_fi
         write_port_file(port_file, running.port)
     try:
         summary = coordinator.run()
+        log.info("%s", format_summary(summary, run_dir, summary["wall_seconds"]))
         coordinator.wait_until_workers_told(finish_grace_seconds)
     finally:
         log.info("shutting down the gRPC server")

@@ -13,10 +13,9 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lbgm.launch.federation import format_summary
 from lbgm.report.comparison import Savings, TargetHit, build_rows, format_table, rounds_to_target, savings
 from lbgm.report.runs import Run
-from lbgm.server.accounting import summarize
+from lbgm.server.accounting import format_summary, summarize
 from lbgm.server.metrics import ServerMetrics
 from lbgm.v1 import lbgm_pb2 as pb
 
@@ -151,8 +150,8 @@ def test_prometheus_exports_every_downlink_kind_and_the_delta0_equivalents_per_r
 def test_a_real_runs_summary_and_report_agree_with_its_records(tmp_path):
     result = subprocess.run(
         lbgm("run", "--model", "mlp", "--workers", "3", "--processes", "1", "--rounds", "3", "--local-steps", "1",
-             "--batch-size", "0", "--local-lr", "0.5", "--delta", "0.5", "--name", "down", "--out-dir", str(tmp_path),
-             "--log-level", "WARNING"), capture_output=True, text=True, timeout=300)
+             "--batch-size", "0", "--local-lr", "0.5", "--delta", "0.5", "--name", "down", "--out-dir", str(tmp_path)),
+        capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "down"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -171,6 +170,9 @@ def test_a_real_runs_summary_and_report_agree_with_its_records(tmp_path):
     assert printed["total"] == (f"{summary['total_bytes'] / 1e6:.2f} MB (delta=0 would send "
                                 f"{summary['full_equivalent_total_bytes'] / 1e6:.2f} MB: {total_saved:.1f}% saved)")
     assert f"model {by_kind['model'] / 1e6:.2f} MB" in printed["downlink by kind"]
+    logged = summary_rows((run_dir / "logs" / "server.log").read_text().split("LBGM run summary")[1])
+    assert {key: logged[key] for key in ("downlink", "downlink by kind", "total")} == {
+        key: printed[key] for key in ("downlink", "downlink by kind", "total")}  # lbgm server logs it too
 
     out = tmp_path / "report"
     report = subprocess.run(lbgm("report", str(run_dir), "--out", str(out), "--target-accuracy", "0.1"),
