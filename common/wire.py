@@ -23,6 +23,7 @@ from lbgm.common.codec import (
     CodecError, PayloadAssembler, enum_name, payload_view, split_chunks, tensor_meta, tensor_to_bytes,
 )
 from lbgm.common.compressors import PAYLOAD_TENSORS
+from lbgm.common.downlink import Delivered, DeliveredLookback, DeliveredScalar
 from lbgm.v1 import lbgm_pb2 as pb
 
 GRPC_FRAME_BYTES = 5  # compressed-flag byte + 4-byte length before every message
@@ -68,14 +69,62 @@ def task_parts(task: pb.RoundTask, model: Sequence[EncodedTensor]) -> Iterator[p
                                        lambda c: pb.TaskPart(chunk=c))
 
 
+def update_task_parts(task: pb.RoundTask, items: Sequence[Delivered], buffers: Sequence[EncodedTensor],
+                      first_buffer_index: int, encode: Callable[[torch.Tensor], EncodedTensor] = EncodedTensor.of,
+                      ) -> Iterator[pb.TaskPart]:
+    """RoundTask, then the global updates (per round: its look-backs in full, then one packed scalar
+    message), then each buffer (update mode of the downlink). `encode` may reuse encodings."""
+    yield pb.TaskPart(task=task)
+    scalars: list[DeliveredScalar] = []
+
+    def scalar_part() -> pb.TaskPart:
+        return pb.TaskPart(downlink_scalars=pb.DownlinkScalars(
+            round=scalars[0].round, layers=[s.layer for s in scalars], rhos=[s.rho for s in scalars],
+            lbg_versions=[s.lbg_version for s in scalars]))
+
+    for item in items:
+        if scalars and item.round != scalars[0].round:
+            yield scalar_part()
+            scalars = []
+        if isinstance(item, DeliveredScalar):
+            scalars.append(item)
+            continue
+        encoded = encode(item.payload)
+        yield pb.TaskPart(downlink_lookback=pb.DownlinkLookback(
+            round=item.round, layer=item.layer, version=item.version, meta=encoded.meta, data=encoded.chunks[0]))
+        for data in encoded.chunks[1:]:
+            yield pb.TaskPart(chunk=pb.TensorChunk(data=data))
+    if scalars:
+        yield scalar_part()
+    for index, encoded in enumerate(buffers, start=first_buffer_index):
+        yield from _model_tensor_parts(index, encoded, lambda t: pb.TaskPart(tensor=t),
+                                       lambda c: pb.TaskPart(chunk=c))
+
+
+def task_part_kinds(parts: Iterable[pb.TaskPart], tensor_kind: str) -> Iterator[tuple[str, pb.TaskPart]]:
+    """Each part of a GetTask answer with its kind for the byte counters: "task", "control" (idle,
+    finished), `tensor_kind` for ModelTensor parts ("model" for the whole model, "update" for the
+    buffers that go with updates), "update" for downlink look-backs, "scalar" for downlink scalars;
+    a chunk counts as the payload it continues."""
+    kinds = {"task": "task", "idle": "control", "finished": "control", "tensor": tensor_kind,
+             "downlink_lookback": "update", "downlink_scalars": "scalar"}
+    kind = "task"
+    for part in parts:
+        kind = kinds.get(part.WhichOneof("part"), kind)
+        yield kind, part
+
+
 @dataclass(frozen=True)
 class ReceivedTask:
     task: pb.RoundTask
-    tensors: list[torch.Tensor]  # parameters, then buffers
+    tensors: list[torch.Tensor]  # parameters, then buffers; with model_updates, the buffers only
+    updates: list[Delivered] = field(default_factory=list)  # with model_updates: the global updates, in order
 
 
 def read_task(parts: Iterable[pb.TaskPart], max_tensor_bytes: int) -> ReceivedTask | pb.Finished | None:
-    """A complete task, Finished, or None when the server answered idle."""
+    """A complete task, Finished, or None when the server answered idle. Downlink updates must come
+    in round order within base_version + 1 .. model_version, a round's look-backs before its one
+    scalar message, all before the buffers; whether they rebuild the model is the digest's to say."""
     stream = iter(parts)
     first = next(stream, None)
     if first is None:
@@ -87,8 +136,25 @@ def read_task(parts: Iterable[pb.TaskPart], max_tensor_bytes: int) -> ReceivedTa
         return first.finished
     if kind != "task":
         raise MalformedStream(f"task stream must start with a task, got {kind}")
+    task = first.task
     reader = _PayloadReader(max_tensor_bytes)
     tensors: list[torch.Tensor] = []
+    updates: list[Delivered] = []
+    position = (task.base_version, 1)  # (round, 1: look-backs may follow, 2: its scalars came)
+
+    def advance(round_number: int, stage: int, what: str) -> None:
+        nonlocal position
+        if not task.model_updates or tensors:
+            raise MalformedStream(f"unexpected {what} in a task stream" + (" after the buffers" if tensors else ""))
+        in_order = (round_number, stage) > position or (round_number, stage) == position == (round_number, 1)
+        if not (task.base_version < round_number <= task.model_version and in_order):
+            raise MalformedStream(f"{what} of round {round_number} out of order (after round {position[0]}, "
+                                  f"updates {task.base_version + 1}..{task.model_version})")
+        position = (round_number, stage)
+
+    def add_lookback(head: pb.DownlinkLookback, payload: list[torch.Tensor]) -> None:
+        updates.append(DeliveredLookback(head.round, head.layer, head.version, payload[0]))
+
     for part in stream:
         kind = part.WhichOneof("part")
         if kind == "tensor":
@@ -96,12 +162,28 @@ def read_task(parts: Iterable[pb.TaskPart], max_tensor_bytes: int) -> ReceivedTa
                          lambda head, payload: tensors.append(payload[0]))
         elif kind == "chunk":
             reader.add(part.chunk.data)
+        elif kind == "downlink_lookback":
+            reader.finish()
+            head = part.downlink_lookback
+            advance(head.round, 1, "a downlink look-back")
+            if head.version > head.round:
+                raise MalformedStream(f"a look-back of version {head.version} in round {head.round}")
+            reader.start(head, [head.meta], head.data, add_lookback)
+        elif kind == "downlink_scalars":
+            reader.finish()
+            scalars = part.downlink_scalars
+            advance(scalars.round, 2, "downlink scalars")
+            if not scalars.layers or not len(scalars.layers) == len(scalars.rhos) == len(scalars.lbg_versions):
+                raise MalformedStream(f"DownlinkScalars columns differ in length or are empty: {len(scalars.layers)} "
+                                      f"layers, {len(scalars.rhos)} rhos, {len(scalars.lbg_versions)} versions")
+            updates.extend(DeliveredScalar(scalars.round, layer, rho, version)
+                           for layer, rho, version in zip(scalars.layers, scalars.rhos, scalars.lbg_versions))
         else:
             raise MalformedStream(f"unexpected {kind} part in a task stream")
     reader.finish()
-    if len(tensors) != first.task.num_tensors:
-        raise MalformedStream(f"task announced {first.task.num_tensors} tensors, got {len(tensors)}")
-    return ReceivedTask(task=first.task, tensors=tensors)
+    if len(tensors) != task.num_tensors:
+        raise MalformedStream(f"task announced {task.num_tensors} tensors, got {len(tensors)}")
+    return ReceivedTask(task=task, tensors=tensors, updates=updates)
 
 
 class _PayloadReader:

@@ -22,6 +22,7 @@ from lbgm.task import TaskOptions
 from lbgm.task.loader import BUILTIN_TASK
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
+DOWNLINK_DTYPES = ("float32", "float16")
 GRANULARITIES = ("layer", "model")
 
 
@@ -79,6 +80,15 @@ class ExperimentConfig:
     wire_dtype: str = _doc(f"dtype of dense payloads on the wire: {', '.join(WIRE_DTYPES)}; with compressor none every "
                            "layer, with lowrank its vectors; topk, sign, qsgd and the lowrank factors have fixed "
                            "dtypes (float32 values and scales, int32 indices, packed bits, int8 levels)", "float32")
+    downlink_delta: float = _doc("downlink LBGM threshold on the phase error between a layer's global update and "
+                                 "the last one the server broadcast in full: at or below it the workers get one "
+                                 "scalar for the layer; what the scalar leaves out is carried into the next round's "
+                                 "update on the server (error feedback). With downlink_dtype float32, 0 sends the "
+                                 "whole model every round; otherwise workers holding the previous model get the "
+                                 "round's update, and the others the updates they missed or the whole model", 0.0)
+    downlink_dtype: str = _doc(f"dtype of the downlink's full layers: {', '.join(DOWNLINK_DTYPES)}; float16 puts "
+                               "the downlink in update mode even with downlink_delta 0 (the rounding is carried "
+                               "forward like a scalar's residual)", "float32")
     round_timeout: float = _doc("seconds a round waits for sampled workers before closing with what arrived", 120.0)
     eval_batch_size: int = _doc("batch size of the server's test-set evaluation", 1000)
     federated_eval_every: int = _doc("federated evaluation: every N rounds the sampled workers evaluate the global "
@@ -112,6 +122,9 @@ class ExperimentConfig:
             (self.server_lr >= 0, f"server_lr must be >= 0, got {self.server_lr}"),
             (0.0 <= self.server_momentum < 1.0, f"server_momentum must lie in [0, 1), got {self.server_momentum}"),
             (0.0 <= self.delta <= 1.0, f"delta must lie in [0, 1], got {self.delta}"),
+            (0.0 <= self.downlink_delta <= 1.0, f"downlink_delta must lie in [0, 1], got {self.downlink_delta}"),
+            (self.downlink_dtype in DOWNLINK_DTYPES,
+             f"downlink_dtype must be one of {list(DOWNLINK_DTYPES)}, got {self.downlink_dtype!r}"),
             (self.classes_per_worker >= 1, f"classes_per_worker must be >= 1, got {self.classes_per_worker}"),
             (self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}"),
             (self.round_timeout > 0, f"round_timeout must be > 0, got {self.round_timeout}"),
@@ -151,6 +164,11 @@ class ExperimentConfig:
     @property
     def robust_rule(self) -> RobustRule:
         return RobustRule(norm_bound=self.update_norm_bound, loss_ratio=self.loss_guard_ratio)
+
+    @property
+    def downlink_updates(self) -> bool:
+        """Whether the downlink sends global updates (update mode) instead of the whole model every round."""
+        return self.downlink_delta > 0.0 or self.downlink_dtype != "float32"
 
     @property
     def effective_server_lr(self) -> float:

@@ -72,6 +72,7 @@ class ServerState:
     metrics: list[dict[str, Any]]  # the per-round records so far
     totals: dict[str, int]  # uplink / downlink bytes so far
     elapsed_seconds: float
+    downlink: dict | None = None  # update mode: the downlink's state (lbgm.common.downlink.state_to_dict)
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class CheckpointStore:
                 "metrics": state.metrics,
                 "totals": state.totals,
                 "elapsed_seconds": state.elapsed_seconds,
+                "downlink": state.downlink,
             }
             save_atomic(self.manifest_path, manifest, crash_label="checkpoint.manifest")
         except OSError:
@@ -196,6 +198,7 @@ class CheckpointStore:
             metrics=manifest["metrics"],
             totals=manifest["totals"],
             elapsed_seconds=manifest["elapsed_seconds"],
+            downlink=manifest.get("downlink"),
         )
 
     def _verified_tensors(self, file: LbgFile) -> tuple[torch.Tensor, ...]:

@@ -28,7 +28,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -39,8 +39,11 @@ from lbgm.common.lookback import aggregation_weights, decision_units
 from lbgm.common.model_spec import TensorSpec, fingerprint, model_differences, specs_to_proto
 from lbgm.server.robust import GlobalModel, aggregate_round
 from lbgm.common.state_files import content_digest, lbgs_to_state, save_atomic
-from lbgm.common.wire import EncodedTensor, FullLayer, ReceivedUpdate, update_parts, wire_size
+from lbgm.common.wire import (
+    EncodedTensor, FullLayer, ReceivedUpdate, task_part_kinds, task_parts, update_parts, wire_size,
+)
 from lbgm.server.checkpoint import CheckpointStore, CheckpointWriteError, ServerState
+from lbgm.server.downlink import DownlinkRound, ServerDownlink, whole_model_bytes
 from lbgm.server.accounting import RoundLedger, RunRecorder, resident_memory_bytes
 from lbgm.server.evaluation import FederatedEvaluation, WorkerEvaluation, aggregate_evaluations, checked_report
 from lbgm.server.job import load_server_job
@@ -62,6 +65,14 @@ class RoundTaskSnapshot:
 
     task: pb.RoundTask
     model: list[EncodedTensor]
+    model_bytes: int = 0  # the whole model's parts on the wire (what a delta = 0 downlink sends after the task)
+    downlink: DownlinkRound | None = None  # update mode: each worker gets the updates it lacks
+
+    def parts(self, request: pb.TaskRequest) -> Iterator[tuple[str, pb.TaskPart]]:
+        """The GetTask stream for the worker that sent `request`, each part with its byte-counter kind."""
+        if self.downlink is None:
+            return task_part_kinds(task_parts(self.task, self.model), "model")
+        return self.downlink.parts(self.task, self.model, request)
 
 
 @dataclass
@@ -73,6 +84,7 @@ class OpenRound:
     started: float
     accepted: dict[int, AcceptedUpdate] = field(default_factory=dict)
     equivalent_bytes: int = 0  # what the accepted uploads would have cost with delta = 0
+    equivalent_downlink_bytes: int = 0  # what the downloads would have cost sending the whole model
     evaluations: dict[int, WorkerEvaluation] = field(default_factory=dict)
 
     @property
@@ -151,9 +163,12 @@ class Coordinator:
         self._last_eval = Evaluated()
         self._totals = {"uplink": 0, "downlink": 0}
         self._full_parts_bytes: dict[int, int] = {}
+        self._equivalent_downlink = 0  # since the last round closed, see OpenRound.equivalent_downlink_bytes
         self._started = time.monotonic()
         if restored is not None:
             self._restore(restored)
+        self.downlink = ServerDownlink(config, self.params, self.buffers, self._completed,
+                                       restored.downlink if restored else None) if config.downlink_updates else None
         self._write_partition_summary()
 
     def _restore(self, state: ServerState) -> None:
@@ -190,6 +205,7 @@ class Coordinator:
             mirrors={w: self.mirrors.of_worker(w) for w in self.registry.ids()},
             last_accepted=last_accepted, metrics=self.recorder.records, totals=dict(self._totals),
             elapsed_seconds=time.monotonic() - self._started,
+            downlink=self.downlink.to_dict() if self.downlink else None,
         )
         started = time.monotonic()
         try:
@@ -264,8 +280,11 @@ class Coordinator:
         with self._cond:
             self._cond.notify_all()
 
-    def count_downlink(self, worker_id: int, kind: str, count: int) -> None:
+    def count_downlink(self, worker_id: int, kind: str, count: int, equivalent: int | None = None) -> None:
+        """`count` bytes sent to a worker; `equivalent`: what a downlink sending the whole model would
+        have sent instead (default: the same)."""
         with self._cond:
+            self._equivalent_downlink += count if equivalent is None else equivalent
             self._ledger.add_downlink(worker_id, kind, count)
             self._totals["downlink"] += count
             self.metrics.downlink(kind, count)
@@ -472,7 +491,9 @@ class Coordinator:
     def _open_round(self, number: int, sampled: frozenset[int], task: pb.RoundTask) -> tuple[OpenRound, RoundLedger]:
         """Open a round for the current model, wait until every sampled worker answered or the deadline
         passed, close it; returns the closed round and its byte ledger."""
-        snapshot = RoundTaskSnapshot(task=task, model=[EncodedTensor.of(t) for t in (*self.params, *self.buffers)])
+        model = [EncodedTensor.of(t) for t in (*self.params, *self.buffers)]
+        downlink = self.downlink.round_view(model[len(self.params):], len(self.params)) if self.downlink else None
+        snapshot = RoundTaskSnapshot(task, model, whole_model_bytes(task, model), downlink)
         started = time.monotonic()
         with self._cond:
             self._round = OpenRound(number, sampled, started + self.config.round_timeout, snapshot, started)
@@ -481,6 +502,7 @@ class Coordinator:
                 self._cond.wait(self._round.deadline - time.monotonic())
             closed, self._round = self._round, None
             ledger, self._ledger = self._ledger, RoundLedger()
+            closed.equivalent_downlink_bytes, self._equivalent_downlink = self._equivalent_downlink, 0
         return closed, ledger
 
     def _round_task(self, number: int, **flags: bool) -> pb.RoundTask:
@@ -543,11 +565,20 @@ class Coordinator:
             log.warning("round %d: no update arrived before the deadline; model unchanged", number)
             central = (previous.accuracy, previous.loss)
             train_loss = math.nan
+        broadcast = None
+        if self.downlink is not None:  # the model the workers can rebuild becomes the global model
+            changed = bool(participants) and not outcome.refusal
+            self.params, broadcast = self.downlink.step(number, previous.params, self.params if changed else None,
+                                                        self.buffers)
+            if changed and self.job.evaluate is not None:
+                central = self.job.evaluate(self.params, self.buffers)
         equivalent_bytes = closed.equivalent_bytes
+        equivalent_downlink = closed.equivalent_downlink_bytes
         if period and number == c.rounds:
             federated, final, final_ledger = self._final_evaluation(number)
             ledger.merge(final_ledger)
             equivalent_bytes += final.equivalent_bytes
+            equivalent_downlink += final.equivalent_downlink_bytes
         if self.job.evaluate is not None:
             evaluated = Evaluated(*central, "central", number)
         elif federated is not None:
@@ -579,6 +610,12 @@ class Coordinator:
             "samples_by_worker": {str(w): closed.accepted[w].num_samples for w in participants},
             **ledger.as_record(),
             "full_equivalent_uplink_bytes": equivalent_bytes,
+            "full_equivalent_downlink_bytes": equivalent_downlink,
+            # The round's global update: layers broadcast in full and as scalars (once, not per worker).
+            "downlink_full_units": broadcast.full_units if broadcast else len(self.params),
+            "downlink_scalar_units": broadcast.scalar_units if broadcast else 0,
+            # The global model after this round (update mode: what the workers check theirs against).
+            "model_digest": self.downlink.digest_hex() if self.downlink else None,
             "floats_uploaded": sum(u.floats_uploaded for u in closed.accepted.values()),
             "full_equivalent_floats": len(participants) * sum(p.numel() for p in self.params),
             "full_units": sum(u.full_units for u in closed.accepted.values()),

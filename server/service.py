@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from lbgm.common.wire import (
-    MalformedStream, UploadLimits, read_update_body, read_update_header, task_parts, wire_size,
+    MalformedStream, UploadLimits, read_update_body, read_update_header, wire_size,
 )
 from lbgm.common.grpc_options import (
     ERROR_DETAIL_KEY, JOIN_TOKEN_KEY, OPERATOR_TOKEN_KEY, PROTOCOL, WORKER_ID_KEY, WORKER_TOKEN_KEY,
@@ -183,15 +183,16 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         context.add_callback(self.coordinator.wake)  # a client hanging up ends the wait
         result = self.coordinator.wait_for_task(record.worker_id, wait, context.is_active)
-        if isinstance(result, RoundTaskSnapshot):
-            parts = task_parts(result.task, result.model)
-            kinds = ("task",)
-        else:
-            parts = iter([pb.TaskPart(idle=pb.Idle()) if result is None else pb.TaskPart(finished=result)])
-            kinds = ("control",)
-        for index, part in enumerate(parts):
-            kind = kinds[0] if index == 0 else "model"
-            self.coordinator.count_downlink(record.worker_id, kind, wire_size(part))
+        if not isinstance(result, RoundTaskSnapshot):
+            part = pb.TaskPart(idle=pb.Idle()) if result is None else pb.TaskPart(finished=result)
+            self.coordinator.count_downlink(record.worker_id, "control", wire_size(part))
+            yield part
+            return
+        for index, (kind, part) in enumerate(result.parts(request)):
+            size = wire_size(part)
+            # What the whole model would cost instead is counted with the task, once per stream.
+            equivalent = size + result.model_bytes if index == 0 else 0
+            self.coordinator.count_downlink(record.worker_id, kind, size, equivalent)
             yield part
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdatePart], context: grpc.ServicerContext) -> pb.UpdateAck:

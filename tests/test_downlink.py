@@ -4,15 +4,22 @@ bit for bit every round, through a worker killed and re-joining and a server kil
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import re
+import signal
 
 import pytest
 import torch
+from conftest import FAST, start_server, start_worker
+from test_recovery import free_port, read_records, wait_for_rounds
 
 from lbgm.common.downlink import (
     Broadcast, DeliveredLookback, DeliveredScalar, DownlinkError, DownlinkHistory, DownlinkState, Holding,
     apply_delivery, broadcast_round, model_digest, plan_delivery, state_from_dict, state_to_dict,
 )
+from lbgm.common.state_files import load
+from lbgm.experiment.config import ExperimentConfig
 
 SHAPES = [(6, 5), (6,), (3, 6), (3,)]
 
@@ -182,3 +189,82 @@ def test_state_round_trips_through_a_checkpoint(tmp_path):
     for mine, theirs in zip(state.lookbacks, federation.state.lookbacks):
         assert mine.version == theirs.version and torch.equal(mine.tensor, theirs.tensor)
     assert all(torch.equal(a, b) for a, b in zip(state.residual, federation.state.residual))
+
+
+# ------------------------------------------------------------------ a real federation
+
+FEDERATION = ExperimentConfig(name="downlink", workers=4, rounds=14, fraction=0.5, delta=0.3, downlink_delta=0.3,
+                              **{**FAST, "round_timeout": 5.0})
+MODEL_LINE = re.compile(r"(\S+): round (\d+): global model version (\d+), digest ([0-9a-f]+) \((.*)\)")
+
+
+def _model_lines(tmp_path) -> list[tuple[str, int, int, str, str]]:
+    """(worker, round, version, digest, how it came) for every model a worker rebuilt and checked."""
+    lines = []
+    for path in sorted(tmp_path.glob("w*.log")):
+        for match in MODEL_LINE.finditer(path.read_text()):
+            name, number, version, digest, how = match.groups()
+            lines.append((name, int(number), int(version), digest, how))
+    return lines
+
+
+def test_every_worker_holds_the_server_model_every_round_through_crashes(tmp_path, processes):
+    """4 worker processes, half of them sampled per round, downlink LBGM on: every model a worker
+    trains on has the digest of the server's global model of that version, including after a worker
+    is killed and re-joins (it gets the whole model) and after the server is killed and resumed."""
+    port = free_port()
+    server = start_server(tmp_path, FEDERATION, port=port)
+    processes.append(server.process)
+    names = [f"w{i}" for i in range(4)]
+    workers = {name: start_worker(tmp_path, server.target, name, extra_args=["--give-up-after", "120"])
+               for name in names}
+    processes.extend(workers.values())
+    wait_for_rounds(server.run_dir, 3)
+    workers["w3"].send_signal(signal.SIGKILL)
+    workers["w3"].wait()
+    wait_for_rounds(server.run_dir, len(read_records(server.run_dir)) + 2)
+    workers["w3"] = start_worker(tmp_path, server.target, "w3", extra_args=["--give-up-after", "120"])
+    processes.append(workers["w3"])
+    wait_for_rounds(server.run_dir, 9)
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    crashed = read_records(server.run_dir)
+    # A longer round timeout (a setting a resumed run may change) lets every worker re-join before round 1 of
+    # the resumed server: the workers' back-off grows to 20 s while it is down.
+    resumed = start_server(tmp_path, dataclasses.replace(FEDERATION, round_timeout=30.0), extra_args=["--resume"],
+                           port=port, log_name="resumed.log")
+    processes.append(resumed.process)
+    assert resumed.process.wait(timeout=120) == 0, resumed.log()
+    assert all(worker.wait(timeout=60) == 0 for worker in workers.values())
+
+    records = read_records(resumed.run_dir)
+    assert [r["round"] for r in records] == list(range(1, FEDERATION.rounds + 1))
+    digests = {r["round"]: {r["model_digest"]} for r in records}  # version -> the server's model digests
+    for record in crashed:  # the rounds the crash lost were redone: either run's model is the server's
+        digests[record["round"]].add(record["model_digest"])
+    final = load(resumed.run_dir / "final_model.pt")
+    assert model_digest([*final["params"], *final["buffers"]]).hex() == records[-1]["model_digest"]
+
+    lines = _model_lines(tmp_path)
+    initial = {digest for _, _, version, digest, _ in lines if version == 0}
+    assert len(initial) == 1
+    digests[0] = initial
+    for name, number, version, digest, how in lines:
+        assert version == number - 1
+        assert digest in digests[version], (name, number, how)
+    ids = {int(match[1]): match[0] for match in re.findall(r"(w\d) (?:re-)?joined as worker (\d+)",
+                                                           server.log() + resumed.log())}
+    trained = {(name, number) for name, number, *_ in lines}
+    for record in records:  # every upload the server aggregated was trained on a checked model
+        assert all((ids[p], record["round"]) in trained for p in record["participants"]), record["round"]
+    hows = [how for *_, how in lines]
+    assert sum(how == "whole" for how in hows) >= 5  # first rounds, the re-joined worker, unverifiable claims
+    assert any(how.startswith("updates") for how in hows)
+    checkpointed = int(resumed.log().split("after round ")[1].split(":")[0])
+    # The resumed server verified what the workers held and sent updates again.
+    assert any(how.startswith("updates") for _, number, _, _, how in lines if number > checkpointed + 1)
+    assert sum(r["downlink_scalar_units"] for r in records) > 0
+    assert sum(r["downlink_by_kind"].get("scalar", 0) for r in records) > 0
+    assert "resumed from" in resumed.log()
+    logs = "".join(path.read_text() for path in tmp_path.glob("w*.log"))
+    assert "cannot rebuild" not in logs

@@ -30,6 +30,7 @@ import grpc
 import torch
 
 from lbgm.common.codec import torch_dtype
+from lbgm.common.downlink import DownlinkError, Lookback, apply_delivery, model_digest
 from lbgm.common.grpc_options import ERROR_DETAIL_KEY, JOIN_TOKEN_KEY, PROTOCOL, worker_metadata
 from lbgm.common.lookback import decision_units
 from lbgm.common.model_spec import TensorSpec, describe_model, specs_to_proto
@@ -65,6 +66,17 @@ class RetryPolicy:
     initial_seconds: float = 0.5
     max_seconds: float = 20.0
     give_up_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class HeldModel:
+    """The global model a worker holds in update mode of the downlink (CPU tensors as they arrived or
+    were rebuilt), its version and digest: what its next TaskRequest claims."""
+
+    params: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+    version: int
+    digest: bytes
 
 
 @dataclass
@@ -203,6 +215,9 @@ class VirtualWorker:
         self._evaluated_round = 0  # the last round whose evaluation the server took (since the last join)
         self._in_doubt: tuple[int, EncodedRound] | None = None  # the last upload not known to be accepted
         self._random = random.Random(name)
+        # Downlink in update mode, in memory only (a restarted worker holds nothing and gets the whole model).
+        self.held: HeldModel | None = None
+        self.downlink_lookbacks: dict[int, Lookback] = {}
 
     # ------------------------------------------------------------ plumbing
 
@@ -306,7 +321,7 @@ class VirtualWorker:
             submit = submit_update_call(channel)
             self.join(stub)
             while not self.stop.is_set():
-                request = pb.TaskRequest(worker_id=self.worker_id, token=self.token, max_wait_seconds=self.poll_seconds)
+                request = self._task_request()
                 try:
                     result = self._call(
                         lambda: read_task(stub.GetTask(request, timeout=self.poll_seconds + 30,
@@ -323,11 +338,61 @@ class VirtualWorker:
                     log.info("%s: %s", self.name, result.reason)
                     break
                 if result is not None:
+                    model = self._global_model(result)
+                    if model is None:
+                        continue
+                    result = dataclasses.replace(result, tensors=model, updates=[])
                     if result.task.evaluate or result.task.evaluate_only:
                         self.report_evaluation(stub, result)
                     if not result.task.evaluate_only:
                         self.run_round(submit, result)
         return self.stats
+
+    def _task_request(self) -> pb.TaskRequest:
+        """A poll for work, saying which global model and downlink look-backs this worker holds."""
+        request = pb.TaskRequest(worker_id=self.worker_id, token=self.token, max_wait_seconds=self.poll_seconds)
+        if self.held is not None:
+            request.model_version, request.model_digest = self.held.version, self.held.digest
+            request.downlink_versions.extend(pb.UnitVersion(unit=layer, version=lookback.version)
+                                             for layer, lookback in sorted(self.downlink_lookbacks.items()))
+        return request
+
+    def _global_model(self, received: ReceivedTask) -> list[torch.Tensor] | None:
+        """The task's global model (parameters, then buffers): as it came, or (update mode) rebuilt from
+        the model held and checked against the task's digest. None when it cannot be rebuilt or its
+        digest differs: then this worker holds nothing and asks again, never training on a wrong model."""
+        task = received.task
+        if not task.model_digest:
+            return received.tensors
+        if task.drop_lookbacks:
+            log.warning("%s: the server could not verify the model I hold; dropping my downlink look-backs",
+                        self.name)
+            self.downlink_lookbacks = {}
+        lookbacks = self.downlink_lookbacks
+        parameters = sum(not spec.buffer for spec in self.model_description)
+        try:
+            if not task.model_updates:
+                params, buffers = received.tensors[:parameters], received.tensors[parameters:]
+            elif self.held is None or self.held.version != task.base_version:
+                raise DownlinkError(f"updates from version {task.base_version}, I hold "
+                                    f"{'none' if self.held is None else self.held.version}")
+            else:
+                params, lookbacks = apply_delivery(self.held.params, lookbacks, task.base_version, task.model_version,
+                                                   received.updates)
+                buffers = received.tensors
+            digest = model_digest([*params, *buffers])
+            if digest != task.model_digest:
+                raise DownlinkError(f"digest {digest.hex()}, the task says {task.model_digest.hex()}")
+        except DownlinkError as error:
+            log.warning("%s: round %d: cannot rebuild global model version %d (%s); asking for the whole model",
+                        self.name, task.round, task.model_version, error)
+            self.held, self.downlink_lookbacks = None, {}
+            return None
+        self.held = HeldModel(list(params), list(buffers), task.model_version, digest)
+        self.downlink_lookbacks = lookbacks
+        log.info("%s: round %d: global model version %d, digest %s (%s)", self.name, task.round, task.model_version,
+                 digest.hex(), f"updates from version {task.base_version}" if task.model_updates else "whole")
+        return [*params, *buffers]
 
     def report_evaluation(self, stub: pb_grpc.AggregatorStub, received: ReceivedTask) -> None:
         """Evaluate the task's model on this worker's held-out data and report it (federated evaluation).

@@ -144,14 +144,20 @@ class JoinReply(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., token: _Optional[bytes] = ..., shard_index: _Optional[int] = ..., experiment: _Optional[_Union[ExperimentSpec, _Mapping]] = ..., lbg_versions: _Optional[_Iterable[_Union[UnitVersion, _Mapping]]] = ..., last_accepted_round: _Optional[int] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
-    __slots__ = ("worker_id", "token", "max_wait_seconds")
+    __slots__ = ("worker_id", "token", "max_wait_seconds", "model_version", "model_digest", "downlink_versions")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     token: bytes
     max_wait_seconds: float
-    def __init__(self, worker_id: _Optional[int] = ..., token: _Optional[bytes] = ..., max_wait_seconds: _Optional[float] = ...) -> None: ...
+    model_version: int
+    model_digest: bytes
+    downlink_versions: _containers.RepeatedCompositeFieldContainer[UnitVersion]
+    def __init__(self, worker_id: _Optional[int] = ..., token: _Optional[bytes] = ..., max_wait_seconds: _Optional[float] = ..., model_version: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., downlink_versions: _Optional[_Iterable[_Union[UnitVersion, _Mapping]]] = ...) -> None: ...
 
 class TrainSettings(_message.Message):
     __slots__ = ("local_steps", "batch_size", "local_lr", "delta", "wire_dtype", "error_feedback", "codec", "topk_fraction", "quantization_levels", "lowrank_rank", "compressor_memory")
@@ -180,7 +186,7 @@ class TrainSettings(_message.Message):
     def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_lr: _Optional[float] = ..., delta: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., error_feedback: _Optional[bool] = ..., codec: _Optional[_Union[Codec, str]] = ..., topk_fraction: _Optional[float] = ..., quantization_levels: _Optional[int] = ..., lowrank_rank: _Optional[int] = ..., compressor_memory: _Optional[bool] = ...) -> None: ...
 
 class RoundTask(_message.Message):
-    __slots__ = ("round", "total_rounds", "settings", "num_tensors", "seconds_to_deadline", "checkpointed_round", "evaluate", "evaluate_only")
+    __slots__ = ("round", "total_rounds", "settings", "num_tensors", "seconds_to_deadline", "checkpointed_round", "evaluate", "evaluate_only", "model_version", "model_digest", "model_updates", "base_version", "drop_lookbacks")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +195,11 @@ class RoundTask(_message.Message):
     CHECKPOINTED_ROUND_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DROP_LOOKBACKS_FIELD_NUMBER: _ClassVar[int]
     round: int
     total_rounds: int
     settings: TrainSettings
@@ -197,7 +208,38 @@ class RoundTask(_message.Message):
     checkpointed_round: int
     evaluate: bool
     evaluate_only: bool
-    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., num_tensors: _Optional[int] = ..., seconds_to_deadline: _Optional[float] = ..., checkpointed_round: _Optional[int] = ..., evaluate: _Optional[bool] = ..., evaluate_only: _Optional[bool] = ...) -> None: ...
+    model_version: int
+    model_digest: bytes
+    model_updates: bool
+    base_version: int
+    drop_lookbacks: bool
+    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., num_tensors: _Optional[int] = ..., seconds_to_deadline: _Optional[float] = ..., checkpointed_round: _Optional[int] = ..., evaluate: _Optional[bool] = ..., evaluate_only: _Optional[bool] = ..., model_version: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., model_updates: _Optional[bool] = ..., base_version: _Optional[int] = ..., drop_lookbacks: _Optional[bool] = ...) -> None: ...
+
+class DownlinkLookback(_message.Message):
+    __slots__ = ("round", "layer", "version", "meta", "data")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    layer: int
+    version: int
+    meta: TensorMeta
+    data: bytes
+    def __init__(self, round: _Optional[int] = ..., layer: _Optional[int] = ..., version: _Optional[int] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class DownlinkScalars(_message.Message):
+    __slots__ = ("layers", "rhos", "lbg_versions", "round")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    RHOS_FIELD_NUMBER: _ClassVar[int]
+    LBG_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    rhos: _containers.RepeatedScalarFieldContainer[float]
+    lbg_versions: _containers.RepeatedScalarFieldContainer[int]
+    round: int
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., rhos: _Optional[_Iterable[float]] = ..., lbg_versions: _Optional[_Iterable[int]] = ..., round: _Optional[int] = ...) -> None: ...
 
 class ModelTensor(_message.Message):
     __slots__ = ("index", "meta", "data")
@@ -220,18 +262,22 @@ class Idle(_message.Message):
     def __init__(self) -> None: ...
 
 class TaskPart(_message.Message):
-    __slots__ = ("task", "tensor", "chunk", "idle", "finished")
+    __slots__ = ("task", "tensor", "chunk", "idle", "finished", "downlink_lookback", "downlink_scalars")
     TASK_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     IDLE_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_LOOKBACK_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_SCALARS_FIELD_NUMBER: _ClassVar[int]
     task: RoundTask
     tensor: ModelTensor
     chunk: TensorChunk
     idle: Idle
     finished: Finished
-    def __init__(self, task: _Optional[_Union[RoundTask, _Mapping]] = ..., tensor: _Optional[_Union[ModelTensor, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., idle: _Optional[_Union[Idle, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+    downlink_lookback: DownlinkLookback
+    downlink_scalars: DownlinkScalars
+    def __init__(self, task: _Optional[_Union[RoundTask, _Mapping]] = ..., tensor: _Optional[_Union[ModelTensor, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., idle: _Optional[_Union[Idle, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., downlink_lookback: _Optional[_Union[DownlinkLookback, _Mapping]] = ..., downlink_scalars: _Optional[_Union[DownlinkScalars, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("worker_id", "token", "round", "num_samples", "train_loss")

@@ -118,7 +118,8 @@ class AggregatorServicer:
     def GetTask(self, request, context):
         """Long poll for work: blocks until this worker is sampled in a round, the
         run finishes, or the poll window elapses (then `idle`; poll again).
-        A task is a RoundTask followed by every model tensor.
+        A task is a RoundTask followed by every model tensor, or (downlink in
+        update mode) by the global updates the worker lacks and every buffer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
