@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lbgm.report.runs import Run
-from lbgm.server.accounting import savings_fraction, summarize
+from lbgm.server.accounting import DOWNLINK_KINDS, savings_fraction, summarize
 
 # Settings that say where files go, how often state is saved and how evaluation is
 # batched: they change neither the training nor the bytes, so runs are compared across them.
@@ -21,13 +21,12 @@ BOOKKEEPING_SETTINGS = frozenset({"name", "data_dir", "checkpoint_every", "eval_
 # The settings of a delta = 0 run, both ways: every upload in full, and every worker the whole
 # float32 model. Configs written before the downlink settings existed did exactly that.
 DELTA0_SETTINGS = {"delta": 0, "downlink_delta": 0, "downlink_dtype": "float32"}
-# Settings that do not change what a delta = 0 run sends: every layer goes in full
-# whatever the granularity, and there is no scalar residual to feed back.
+# Settings a delta = 0 baseline may differ in: its delta settings, and those that do not change what
+# a delta = 0 run sends (every layer goes in full whatever the granularity, and there is no scalar
+# residual to feed back).
 IGNORED_FOR_BASELINE = BOOKKEEPING_SETTINGS | DELTA0_SETTINGS.keys() | {"error_feedback", "granularity"}
 ESTIMATED_MARK = "†"
 DIRECTIONS = ("uplink", "downlink", "total")  # Savings' fields, in order
-# Downlink kinds in the order a report lists them (lbgm.server.metrics.DOWNLINK_KINDS); others follow.
-DOWNLINK_KIND_ORDER = ("task", "model", "update", "scalar", "control")
 
 
 @dataclass(frozen=True)
@@ -193,7 +192,7 @@ def _downlink_table(rows: Sequence[Row]) -> list[str]:
     """Downlink bytes per message kind, the kinds any run sent, and the broadcast's units where it had any;
     nothing for records that name no kinds."""
     sent = {kind for row in rows for kind, count in row.downlink_by_kind.items() if count}
-    kinds = [kind for kind in DOWNLINK_KIND_ORDER if kind in sent] + sorted(sent - set(DOWNLINK_KIND_ORDER))
+    kinds = [kind for kind in DOWNLINK_KINDS if kind in sent] + sorted(sent - set(DOWNLINK_KINDS))
     units = any(sum(row.downlink_units) for row in rows)
     if not kinds and not units:
         return []

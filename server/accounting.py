@@ -21,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 
+# Downlink message kinds: the round task, whole models, a global update's full layers and its scalars
+# (update mode, issue 16), idle and finished replies. Reports list them in this order.
+DOWNLINK_KINDS = ("task", "model", "update", "scalar", "control")
+
+
 def resident_memory_bytes() -> int:
     """This process's resident set size now (Linux /proc), or its peak where /proc is missing."""
     try:
@@ -122,8 +127,7 @@ def full_equivalent_downlink_bytes(record: dict[str, Any]) -> int:
 
 
 def downlink_bytes_by_kind(records: Iterable[dict[str, Any]]) -> dict[str, int]:
-    """Downlink bytes per message kind over the rounds: task, model (whole models), update (full layers of a
-    global update), scalar (its scalar layers), control (idle and finished replies)."""
+    """Downlink bytes per message kind (DOWNLINK_KINDS) over the rounds."""
     totals: dict[str, int] = defaultdict(int)
     for record in records:
         for kind, count in record.get("downlink_by_kind", {}).items():

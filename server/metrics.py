@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from lbgm.server.accounting import full_equivalent_downlink_bytes, resident_memory_bytes
+from lbgm.server.accounting import DOWNLINK_KINDS, full_equivalent_downlink_bytes, resident_memory_bytes
 from lbgm.v1 import lbgm_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 ROUND_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 # lbgm.common.wire's kinds, the workers' evaluation reports, and refusals
 UPLINK_KINDS = ("header", "full", "scalar", "buffer", "evaluation", "refused")
-# the round task, whole models, a global update's full layers and its scalars, idle/finished replies
-DOWNLINK_KINDS = ("task", "model", "update", "scalar", "control")
 UNIT_KINDS = ("scalar", "full")
 DIRECTIONS = ("up", "down")
 REFUSAL_REASONS = tuple(name for name in pb.ErrorDetail.Reason.keys() if name != "REASON_UNSPECIFIED")
