@@ -120,9 +120,9 @@ def savings_fraction(sent_bytes: int, reference_bytes: int) -> float:
 
 
 def full_equivalent_downlink_bytes(record: dict[str, Any]) -> int:
-    """What sending every receiving worker the whole float32 model would have cost the round (delta = 0 on the
-    downlink). Records written before the downlink could send less than the model lack the field: their
-    rounds did send it whole, so the bytes sent are their own equivalent."""
+    """The round's downlink had every worker that received a task got it with the whole float32 model
+    (delta = 0 on the downlink), idle and finished replies as sent. Records written before the downlink
+    could send less than the model lack the field: they did send it whole, so their bytes are their own."""
     return record.get("full_equivalent_downlink_bytes", record["downlink_bytes"])
 
 

@@ -119,7 +119,8 @@ class ServerMetrics:
                                        ["kind"], registry=registry)
         self._full_equivalent = Counter("lbgm_full_equivalent_bytes", "bytes delta = 0 would have sent in the "
                                         "recorded rounds, by direction: every participant's upload in full "
-                                        "(up), every receiving worker the whole float32 model (down)",
+                                        "(up), the task with the whole float32 model to every worker that "
+                                        "received a task, idle and finished replies as sent (down)",
                                         ["direction"], registry=registry)
         self._refused = Counter("lbgm_refused_uploads", "uploads refused, by ErrorDetail reason; UNAUTHENTICATED "
                                 "counts every call refused for its credentials (join, poll, upload, state digest)",
