@@ -20,6 +20,7 @@ from lbgm.server.robust import GlobalModel, aggregate_round
 from lbgm.common.wire import ReceivedUpdate
 from lbgm.server.evaluation import load_state
 from lbgm.server.mirrors import MirrorStore
+from lbgm.server.downlink import ServerDownlink
 from lbgm.server.job import shard_data
 from lbgm.server.rounds import WIRE_DTYPES, upload_rules
 from lbgm.server.sampling import sample_workers
@@ -76,6 +77,8 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
     evaluator = evaluate_model if test is not None else None
     figures = evaluate_model(params, buffers) if evaluator else (float("nan"), float("nan"))
     current = GlobalModel(params, None, buffers, *figures)
+    # The downlink in update mode: the global model is what the workers rebuild from the broadcasts.
+    downlink = ServerDownlink(config, params, buffers, 0) if config.downlink_updates else None
     ids = sorted(workers)
     for number in range(1, config.rounds + 1):
         started = time.monotonic()
@@ -98,7 +101,16 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
         outcome = aggregate_round(current, [a.gradient for a in accepted], [a.buffers for a in accepted],
                                   [a.num_samples for a in accepted], config.robust_rule,
                                   config.effective_server_lr, config.server_momentum, evaluator)
-        current = outcome.model
+        broadcast = None
+        if downlink is not None:
+            changed = outcome.refusal is None
+            rebuilt, broadcast = downlink.step(number, current.params, outcome.model.params if changed else None,
+                                               outcome.model.buffers)
+            figures = evaluator(rebuilt, outcome.model.buffers) if evaluator and changed else \
+                (outcome.model.accuracy, outcome.model.loss)
+            current = GlobalModel(rebuilt, outcome.model.velocity, outcome.model.buffers, *figures)
+        else:
+            current = outcome.model
         result.params, result.buffers = current.params, current.buffers
         record = {
             "round": number,
@@ -108,6 +120,7 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
             "full_equivalent_floats": len(accepted) * sum(p.numel() for p in params),
             "clipped_updates": outcome.clipped_updates,
             "round_discarded": outcome.refusal is not None,
+            "downlink_scalar_units": broadcast.scalar_units if broadcast else 0,
         }
         if evaluate_every_round or number == config.rounds:
             record["test_accuracy"], record["test_loss"] = current.accuracy, current.loss

@@ -20,6 +20,7 @@ from lbgm.common.downlink import (
 )
 from lbgm.common.state_files import load
 from lbgm.experiment.config import ExperimentConfig
+from lbgm.sim.federation import simulate
 
 SHAPES = [(6, 5), (6,), (3, 6), (3,)]
 
@@ -268,3 +269,37 @@ def test_every_worker_holds_the_server_model_every_round_through_crashes(tmp_pat
     assert "resumed from" in resumed.log()
     logs = "".join(path.read_text() for path in tmp_path.glob("w*.log"))
     assert "cannot rebuild" not in logs
+
+
+HALF = ExperimentConfig(name="half", workers=4, rounds=8, delta=0.5, downlink_delta=0.5, downlink_dtype="float16",
+                        **FAST)
+
+
+def test_float16_downlink_run_matches_the_simulation(tmp_path, processes):
+    """Two worker processes of two virtual workers each, a float16 downlink with LBGM: the final model and
+    every round's downlink decisions are the in-process simulation's, and after the first round the
+    downlink moves at most half the bytes of the whole float32 model."""
+    server = start_server(tmp_path, HALF)
+    processes.append(server.process)
+    workers = [start_worker(tmp_path, server.target, f"w{i}", virtual_workers=2) for i in range(2)]
+    processes.extend(workers)
+    assert server.process.wait(timeout=120) == 0, server.log()
+    assert all(worker.wait(timeout=60) == 0 for worker in workers)
+    records = read_records(server.run_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers train (lbgm worker --torch-threads 1): the same float sums
+    try:
+        reference = simulate(HALF)
+    finally:
+        torch.set_num_threads(threads)
+    final = load(server.run_dir / "final_model.pt")
+    for distributed, simulated in zip(final["params"], reference.params, strict=True):
+        assert torch.allclose(distributed, simulated, atol=1e-6)
+    assert [r["downlink_scalar_units"] for r in records] == [r["downlink_scalar_units"] for r in reference.rounds]
+    assert sum(r["downlink_scalar_units"] for r in records) > 0
+    # Round 1 sends the whole float32 model; each round after it about half of that or less.
+    assert all(r["downlink_bytes"] < 0.51 * r["full_equivalent_downlink_bytes"] for r in records[1:])
+    digests = {r["round"]: r["model_digest"] for r in records}
+    lines = _model_lines(tmp_path)
+    assert len(lines) >= 4 * HALF.rounds
+    assert all(digest == digests[version] for _, _, version, digest, _ in lines if version > 0)
