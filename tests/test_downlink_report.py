@@ -10,6 +10,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -147,11 +148,19 @@ def test_prometheus_exports_every_downlink_kind_and_the_delta0_equivalents_per_r
 
 # ------------------------------------------------------------------ a real run
 
-def test_a_real_runs_summary_and_report_agree_with_its_records(tmp_path):
+def percent_saved(sent: int, equivalent: int) -> str:
+    return f"{100 * (1 - sent / equivalent):.1f}%"
+
+
+@pytest.mark.parametrize("downlink_args, kinds", [
+    ([], ["task", "model"]),  # the defaults: the whole model every round, as before issue 16
+    (["--downlink-delta", "0.5"], ["task", "model", "update", "scalar"]),  # update mode: round 1 whole, then updates
+], ids=["whole-model", "update-mode"])
+def test_a_real_runs_summary_and_report_agree_with_its_records(tmp_path, downlink_args, kinds):
     result = subprocess.run(
-        lbgm("run", "--model", "mlp", "--workers", "3", "--processes", "1", "--rounds", "3", "--local-steps", "1",
-             "--batch-size", "0", "--local-lr", "0.5", "--delta", "0.5", "--name", "down", "--out-dir", str(tmp_path)),
-        capture_output=True, text=True, timeout=300)
+        lbgm("run", "--model", "mlp", "--workers", "3", "--processes", "1", "--rounds", "4", "--local-steps", "1",
+             "--batch-size", "0", "--local-lr", "0.5", "--delta", "0.5", *downlink_args, "--name", "down",
+             "--out-dir", str(tmp_path)), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "down"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -160,15 +169,21 @@ def test_a_real_runs_summary_and_report_agree_with_its_records(tmp_path):
     for the_round in records:
         for kind, count in the_round["downlink_by_kind"].items():
             by_kind[kind] = by_kind.get(kind, 0) + count
-    downlink = sum(r["downlink_bytes"] for r in records)
-    assert summary["downlink_bytes_by_kind"] == by_kind and sum(by_kind.values()) == downlink
-    assert by_kind["model"] > 0 and summary["total_bytes"] == summary["uplink_bytes"] + downlink
-    assert summary["full_equivalent_downlink_bytes"] == downlink  # the defaults send the whole model every round
+    downlink, total = sum(r["downlink_bytes"] for r in records), summary["total_bytes"]
+    equivalent = sum(r["full_equivalent_downlink_bytes"] for r in records)
+    units = [sum(r[f"downlink_{kind}_units"] for r in records) for kind in ("scalar", "full")]
+    assert [kind for kind, count in by_kind.items() if count] == kinds and sum(by_kind.values()) == downlink
+    assert summary["downlink_bytes_by_kind"] == by_kind and total == summary["uplink_bytes"] + downlink
+    assert summary["full_equivalent_downlink_bytes"] == equivalent
+    assert [summary["downlink_scalar_units"], summary["downlink_full_units"]] == units
+    if not downlink_args:
+        assert equivalent == downlink
     printed = summary_rows(result.stdout.split("LBGM run summary")[1])
-    assert printed["downlink"] == f"{downlink / 1e6:.2f} MB (delta=0 would send {downlink / 1e6:.2f} MB: 0.0% saved)"
-    total_saved = 100 * (1 - summary["total_bytes"] / summary["full_equivalent_total_bytes"])
-    assert printed["total"] == (f"{summary['total_bytes'] / 1e6:.2f} MB (delta=0 would send "
-                                f"{summary['full_equivalent_total_bytes'] / 1e6:.2f} MB: {total_saved:.1f}% saved)")
+    assert printed["downlink"] == (f"{downlink / 1e6:.2f} MB (delta=0 would send {equivalent / 1e6:.2f} MB: "
+                                   f"{percent_saved(downlink, equivalent)} saved)")
+    total_saved = percent_saved(total, summary["full_equivalent_total_bytes"])
+    assert printed["total"] == (f"{total / 1e6:.2f} MB (delta=0 would send "
+                                f"{summary['full_equivalent_total_bytes'] / 1e6:.2f} MB: {total_saved} saved)")
     assert f"model {by_kind['model'] / 1e6:.2f} MB" in printed["downlink by kind"]
     logged = summary_rows((run_dir / "logs" / "server.log").read_text().split("LBGM run summary")[1])
     assert {key: logged[key] for key in ("downlink", "downlink by kind", "total")} == {
@@ -178,9 +193,8 @@ def test_a_real_runs_summary_and_report_agree_with_its_records(tmp_path):
     report = subprocess.run(lbgm("report", str(run_dir), "--out", str(out), "--target-accuracy", "0.1"),
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
-    row = next(line for line in report.stdout.splitlines() if line.startswith("| down | 0.5 |"))
-    assert f"| {downlink:,} | 0.0% † | {summary['total_bytes']:,} | {total_saved:.1f}% † |" in row
-    by_kind_row = next(line for line in report.stdout.splitlines()[1:] if line.startswith("| down |") and line != row)
-    assert f"| {by_kind['task']:,} | {by_kind['model']:,} |" in by_kind_row
+    rows = [line for line in report.stdout.splitlines() if line.startswith("| down |")]
+    assert f"| {downlink:,} | {percent_saved(downlink, equivalent)} † | {total:,} | {total_saved} † |" in rows[0]
+    assert rows[1] == "| down | " + " | ".join(f"{by_kind[kind]:,}" for kind in kinds) + f" | {units[0]} / {units[1]} |"
     for plot in ("accuracy_vs_uplink.png", "accuracy_vs_total_bytes.png", "accuracy_vs_rounds.png"):
         assert (out / plot).read_bytes().startswith(PNG_SIGNATURE)
