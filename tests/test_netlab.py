@@ -90,8 +90,10 @@ def test_rates_are_read_in_tc_bit_units():
 
 
 def test_time_to_target_counts_from_the_server_start_and_from_round_one():
-    records = [{"round": 1, "test_accuracy": 0.5, "uplink_bytes": 10, "elapsed_seconds": 12.0, "round_seconds": 2.0},
-               {"round": 2, "test_accuracy": 0.9, "uplink_bytes": 5, "elapsed_seconds": 15.0, "round_seconds": 3.0}]
+    records = [{"round": 1, "test_accuracy": 0.5, "uplink_bytes": 10, "downlink_bytes": 40, "elapsed_seconds": 12.0,
+                "round_seconds": 2.0},
+               {"round": 2, "test_accuracy": 0.9, "uplink_bytes": 5, "downlink_bytes": 40, "elapsed_seconds": 15.0,
+                "round_seconds": 3.0}]
     assert time_to_target(records, 0.9) == {"round": 2, "seconds": 15.0, "training_seconds": 5.0,
                                             "uplink_bytes": 15}
     assert time_to_target(records, 0.95) is None
