@@ -165,7 +165,7 @@ def read_task(parts: Iterable[pb.TaskPart], max_tensor_bytes: int) -> ReceivedTa
         elif kind == "downlink_lookback":
             reader.finish()
             head = part.downlink_lookback
-            advance(head.round, 1, "a downlink look-back")
+            advance(head.round, 1, "downlink look-back")
             if head.version > head.round:
                 raise MalformedStream(f"a look-back of version {head.version} in round {head.round}")
             reader.start(head, [head.meta], head.data, add_lookback)

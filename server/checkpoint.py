@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from lbgm.experiment.config import ExperimentConfig
+from lbgm.experiment.config import FIELDS, ExperimentConfig
 from lbgm.common.lookback import LookbackGradient
 from lbgm.common.faults import crash_point
 from lbgm.common.state_files import content_digest, load, save_atomic
@@ -249,7 +249,9 @@ class CheckpointStore:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Experiment-defining settings that differ between a checkpoint and the config resuming it."""
+    """Experiment-defining settings that differ between a checkpoint and the config resuming it. A setting
+    the checkpoint lacks was added since it was written: it had the default's behaviour (e.g. downlink_delta)."""
+    saved = {**{name: spec.default for name, spec in FIELDS.items() if name not in saved}, **saved}
     return [f"{key} was {saved.get(key)!r}, now {current.get(key)!r}"
             for key in sorted(saved.keys() | current.keys())
             if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)]

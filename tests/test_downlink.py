@@ -19,8 +19,11 @@ from lbgm.common.downlink import (
     apply_delivery, broadcast_round, model_digest, plan_delivery, state_from_dict, state_to_dict,
 )
 from lbgm.common.state_files import load
+from lbgm.common.wire import EncodedTensor, MalformedStream, read_task, update_task_parts
 from lbgm.experiment.config import ExperimentConfig
+from lbgm.server.checkpoint import config_differences
 from lbgm.sim.federation import simulate
+from lbgm.v1 import lbgm_pb2 as pb
 
 SHAPES = [(6, 5), (6,), (3, 6), (3,)]
 
@@ -303,3 +306,38 @@ def test_float16_downlink_run_matches_the_simulation(tmp_path, processes):
     lines = _model_lines(tmp_path)
     assert len(lines) >= 4 * HALF.rounds
     assert all(digest == digests[version] for _, _, version, digest, _ in lines if version > 0)
+
+
+def _update_stream(items, base=0, target=2, updates=True):
+    task = pb.RoundTask(round=target + 1, model_version=target, model_digest=b"d" * 16, model_updates=updates,
+                        base_version=base, num_tensors=1)
+    return list(update_task_parts(task, items, [EncodedTensor.of(torch.ones(2))], len(SHAPES)))
+
+
+def test_task_stream_round_trip_and_malformed_streams():
+    payload = torch.arange(30, dtype=torch.float16).reshape(6, 5)
+    items = [DeliveredLookback(1, 0, 1, payload), DeliveredScalar(1, 1, 0.5, 0),
+             DeliveredLookback(2, 2, 1, torch.ones(SHAPES[2])), DeliveredScalar(2, 2, -1.5, 1)]
+    parts = _update_stream(items)
+    received = read_task(parts, 1 << 20)
+    assert [type(i) for i in received.updates] == [type(i) for i in items]
+    assert torch.equal(received.updates[0].payload, payload) and received.updates[3].rho == -1.5
+    assert torch.equal(received.tensors[0], torch.ones(2))
+    scalars_first = [parts[0], parts[2], parts[1], *parts[3:]]
+    for stream, message in [
+        (scalars_first, "out of order"),
+        (_update_stream(items, base=1), "out of order"),  # round 1 is not after the base
+        (_update_stream(items, target=1), "out of order"),  # round 2 is past the target
+        (_update_stream(items, updates=False), "unexpected downlink look-back"),
+        ([*parts[:1], parts[-1], *parts[1:-1]], "after the buffers"),
+    ]:
+        with pytest.raises(MalformedStream, match=message):
+            read_task(stream, 1 << 20)
+
+
+def test_checkpoints_from_before_the_downlink_resume_with_it_off():
+    settings = dataclasses.asdict(ExperimentConfig())
+    before = {key: value for key, value in settings.items() if not key.startswith("downlink")}
+    assert config_differences(before, settings) == []
+    assert config_differences(before, dataclasses.asdict(ExperimentConfig(downlink_delta=0.2))) == [
+        "downlink_delta was 0.0, now 0.2"]
