@@ -15,15 +15,17 @@ from conftest import FAST, start_server, start_worker
 from test_recovery import free_port, read_records, wait_for_rounds
 
 from lbgm.common.downlink import (
-    Broadcast, DeliveredLookback, DeliveredScalar, DownlinkError, DownlinkHistory, DownlinkState, Holding,
+    Broadcast, DeliveredLookback, DeliveredScalar, DownlinkError, DownlinkHistory, DownlinkState, Holding, Lookback,
     apply_delivery, broadcast_round, model_digest, plan_delivery, state_from_dict, state_to_dict,
 )
 from lbgm.common.state_files import load
-from lbgm.common.wire import EncodedTensor, MalformedStream, read_task, update_task_parts
+from lbgm.common.model_spec import TensorSpec
+from lbgm.common.wire import EncodedTensor, MalformedStream, ReceivedTask, read_task, update_task_parts
 from lbgm.experiment.config import ExperimentConfig
 from lbgm.server.checkpoint import config_differences
 from lbgm.sim.federation import simulate
 from lbgm.v1 import lbgm_pb2 as pb
+from lbgm.worker.client import HeldModel, VirtualWorker
 
 SHAPES = [(6, 5), (6,), (3, 6), (3,)]
 
@@ -341,3 +343,35 @@ def test_checkpoints_from_before_the_downlink_resume_with_it_off():
     assert config_differences(before, settings) == []
     assert config_differences(before, dataclasses.asdict(ExperimentConfig(downlink_delta=0.2))) == [
         "downlink_delta was 0.0, now 0.2"]
+
+
+def test_a_worker_never_takes_a_model_whose_digest_differs():
+    """The real worker's rebuild: a whole model and updates are taken only with the task's digest; anything
+    else leaves the worker holding nothing (its next poll asks for the whole model), look-backs dropped."""
+    worker = VirtualWorker("w", "127.0.0.1:1")
+    worker.model_description = [TensorSpec(f"p{i}", shape, "float32", False) for i, shape in enumerate(SHAPES)]
+    federation = Federation(delta=0.5, dtype=torch.float32, workers=1)
+    federation.round()
+    federation.round()
+
+    def task(version, digest, **fields):
+        return pb.RoundTask(round=version + 1, model_version=version, model_digest=digest, **fields)
+
+    whole = ReceivedTask(task(2, federation.history.digests[2]), [p.clone() for p in federation.params])
+    assert _bits(worker._global_model(whole)) == _bits(federation.params)
+    assert worker._task_request().model_digest == federation.history.digests[2]
+    tampered = [p.clone() for p in federation.params]
+    tampered[0][0, 0] += 1e-6
+    assert worker._global_model(ReceivedTask(task(2, federation.history.digests[2]), tampered)) is None
+    assert worker.held is None and not worker._task_request().model_digest
+
+    worker.held = HeldModel(list(federation.params), [], 2, federation.history.digests[2])
+    worker.downlink_lookbacks = {0: Lookback(torch.ones(SHAPES[0]), 1)}
+    federation.round()
+    wrong_base = ReceivedTask(task(3, federation.history.digests[3], model_updates=True, base_version=1), [])
+    assert worker._global_model(wrong_base) is None and worker.downlink_lookbacks == {}
+    worker.held = HeldModel(list(federation.params), [], 2, federation.history.digests[2])
+    lying = ReceivedTask(task(3, b"\0" * 16, model_updates=True, base_version=2), [],
+                         updates=[DeliveredLookback(3, layer, 3, torch.zeros(shape)) for layer, shape in
+                                  enumerate(SHAPES)])
+    assert worker._global_model(lying) is None and worker.held is None
