@@ -170,13 +170,12 @@ class ServerMetrics:
         self._uplink.labels("refused").inc(wire_bytes)
         self._refused.labels(pb.ErrorDetail.Reason.Name(reason)).inc()
 
-    def round_closed(self, seconds: float, clipped_updates: int, discarded: bool) -> None:
-        self._round_seconds.observe(seconds)
-        self._clipped.inc(clipped_updates)
-        self._discarded.inc(int(discarded))
-
     def round_recorded(self, record: dict[str, Any]) -> None:
-        """A round's metrics.jsonl record: what delta = 0 would have sent each way, and the downlink's units."""
+        """A round's metrics.jsonl record: its duration, clipped and discarded updates, what delta = 0
+        would have sent each way, and the downlink's decision units."""
+        self._round_seconds.observe(record["round_seconds"])
+        self._clipped.inc(record["clipped_updates"])
+        self._discarded.inc(int(record["round_discarded"]))
         self._full_equivalent.labels("up").inc(record["full_equivalent_uplink_bytes"])
         self._full_equivalent.labels("down").inc(full_equivalent_downlink_bytes(record))
         self._downlink_units.labels("scalar").inc(record.get("downlink_scalar_units", 0))

@@ -629,8 +629,8 @@ class Coordinator:
             "server_rss_bytes": resident_memory_bytes(),
             "mirror_bytes": self.mirrors.nbytes(),
         }
+        self.metrics.round_recorded(record)  # before the record is written: a reader of both sees counters >= records
         self.recorder.add_round(record)
-        self.metrics.round_closed(record["round_seconds"], record["clipped_updates"], record["round_discarded"])
         log.info("round %d/%d: accuracy %.4f loss %.4f, %d/%d workers, %d scalar / %d full units, uplink %d B",
                  number, c.rounds, accuracy, loss, len(participants), len(sampled), record["scalar_units"],
                  record["full_units"], record["uplink_bytes"])

@@ -35,7 +35,8 @@ def record(number: int, downlink_by_kind: dict[str, int], equivalent_downlink: i
                      "downlink_scalar_units": units[0], "downlink_full_units": units[1]}
     return {"round": number, "test_accuracy": accuracy, "uplink_bytes": uplink,
             "full_equivalent_uplink_bytes": equivalent_uplink, "floats_uploaded": 0, "full_equivalent_floats": 0,
-            "full_units": 0, "scalar_units": 0, "refused": {}, **downlink}
+            "full_units": 0, "scalar_units": 0, "refused": {}, "round_seconds": 0.5, "clipped_updates": 0,
+            "round_discarded": False, **downlink}
 
 
 # Round 1 sends two workers the whole model; round 2 sends them the global update: one layer in full, three

@@ -104,6 +104,9 @@ def test_metrics_endpoint_agrees_with_the_servers_accounting(tmp_path, processes
     for kind, recorded in by_kind(records, "downlink_by_kind").items():
         assert downlink[kind] >= recorded, kind
     assert uplink["full"] > 0 and uplink["refused"] == 0
+    for direction, key in (("up", "full_equivalent_uplink_bytes"), ("down", "full_equivalent_downlink_bytes")):
+        recorded = sum(record[key] for record in records)
+        assert value(samples, "lbgm_full_equivalent_bytes_total", direction=direction) >= recorded > 0
 
     scalar_units = value(samples, "lbgm_units_uploaded_total", kind="scalar")
     full_units = value(samples, "lbgm_units_uploaded_total", kind="full")

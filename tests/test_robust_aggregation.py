@@ -143,8 +143,9 @@ def test_config_refuses_bad_robust_settings(field, value):
 
 def test_prometheus_counts_clipped_updates_and_discarded_rounds():
     metrics = ServerMetrics(pb.StatusReply, lambda: 0, round_timeout=60.0)
-    metrics.round_closed(0.5, clipped_updates=1, discarded=False)
-    metrics.round_closed(0.5, clipped_updates=2, discarded=True)
+    for clipped, discarded in ((1, False), (2, True)):
+        metrics.round_recorded({"round_seconds": 0.5, "clipped_updates": clipped, "round_discarded": discarded,
+                                "full_equivalent_uplink_bytes": 0, "downlink_bytes": 0})
     assert metrics.registry.get_sample_value("lbgm_clipped_updates_total") == 3
     assert metrics.registry.get_sample_value("lbgm_discarded_rounds_total") == 1
 
