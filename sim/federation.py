@@ -45,11 +45,14 @@ class SimulationResult:
     mirrors: MirrorStore
     workers: dict[int, SimulatedWorker]
     rounds: list[dict] = field(default_factory=list)
+    downlink: ServerDownlink | None = None  # in update mode: the server's downlink state at the end
 
 
-def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> SimulationResult:
+def simulate(config: ExperimentConfig, evaluate_every_round: bool = True,
+             downlink_type: type[ServerDownlink] = ServerDownlink) -> SimulationResult:
     """Run the whole federation in this process. The server's round rule (lbgm.server.robust) evaluates
-    every round; `evaluate_every_round` says whether every record carries test figures, or only the last."""
+    every round; `evaluate_every_round` says whether every record carries test figures, or only the last.
+    `downlink_type` lets a benchmark watch the downlink's decisions (bench.downlink_decisions)."""
     task = load_task(config.task, config.task_options)
     model = build_model(task, config.seed, config.task)
     test = task.test_data(config.data_path) if task.test_data is not None and task.evaluate is not None else None
@@ -78,7 +81,8 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True) -> Sim
     figures = evaluate_model(params, buffers) if evaluator else (float("nan"), float("nan"))
     current = GlobalModel(params, None, buffers, *figures)
     # The downlink in update mode: the global model is what the workers rebuild from the broadcasts.
-    downlink = ServerDownlink(config, params, buffers, 0) if config.downlink_updates else None
+    downlink = downlink_type(config, params, buffers, 0) if config.downlink_updates else None
+    result.downlink = downlink
     ids = sorted(workers)
     for number in range(1, config.rounds + 1):
         started = time.monotonic()

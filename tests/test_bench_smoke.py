@@ -131,3 +131,22 @@ def test_lab_compares_lbgm_with_delta0_under_a_capped_uplink(tmp_path: Path) -> 
     run_bench("lab", "--uplinks", "100mbit", "--target-accuracy", "0.1", "--work-dir", str(tmp_path / "runs"),
               "--reuse-runs", "--out", str(again))
     assert json.loads(again.read_text())["results"] == [row]
+
+
+def test_downlink_decisions_explain_every_full_layer_and_agree_with_the_decisions(tmp_path: Path) -> None:
+    printed = run_bench("downlink_decisions", "--rounds", "25", "--dtypes", "float32", "--out-dir",
+                        str(tmp_path)).stdout
+    result = json.loads((tmp_path / "decisions.json").read_text())
+    assert (tmp_path / "decisions.png").stat().st_size > 0
+    [(dtype, run)] = result["results"].items()
+    records, summary = run["records"], run["summary"]
+    assert dtype == "float32" and len(records) == 25 * 4  # the default job's MLP: 4 parameter tensors
+    for record in records:
+        if record["wanted_error"] is None:  # no look-back yet: always in full
+            assert record["full"]
+        else:  # the recorded test is the one the server decided by
+            assert record["full"] == (record["wanted_error"] > 0.2)
+    assert summary["scalar_layer_rounds"] == sum(not r["full"] for r in records) > 0
+    assert sum(summary["full_by_cause"].values()) == pytest.approx(summary["floats_sent_in_full"])
+    assert summary["full_by_cause"]["first"] > 0 and 0 < summary["floats_sent_in_full"] < 1
+    assert "| float32 |" in printed
