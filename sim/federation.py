@@ -10,6 +10,7 @@ benchmarks use this as the reference for the distributed system.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,11 +49,24 @@ class SimulationResult:
     downlink: ServerDownlink | None = None  # in update mode: the server's downlink state at the end
 
 
+@dataclass(frozen=True)
+class RoundGradients:
+    """What one round produced, for analyses of the gradients themselves (lbgm analyze-gradients --federated)."""
+
+    number: int
+    gradients: dict[int, list[torch.Tensor]]  # each sampled worker's update before its encoder: its true gradient
+    num_samples: dict[int, int]
+    before: list[torch.Tensor]  # the global parameters the round started from
+    after: list[torch.Tensor]  # and those it ended with
+
+
 def simulate(config: ExperimentConfig, evaluate_every_round: bool = True,
-             downlink_type: type[ServerDownlink] = ServerDownlink) -> SimulationResult:
+             downlink_type: type[ServerDownlink] = ServerDownlink,
+             observe: Callable[[RoundGradients], None] | None = None) -> SimulationResult:
     """Run the whole federation in this process. The server's round rule (lbgm.server.robust) evaluates
     every round; `evaluate_every_round` says whether every record carries test figures, or only the last.
-    `downlink_type` lets a benchmark watch the downlink's decisions (bench.downlink_decisions)."""
+    `downlink_type` lets a benchmark watch the downlink's decisions (bench.downlink_decisions);
+    `observe` is called after every round with its workers' true gradients and the global model's move."""
     task = load_task(config.task, config.task_options)
     model = build_model(task, config.seed, config.task)
     test = task.test_data(config.data_path) if task.test_data is not None and task.evaluate is not None else None
@@ -88,10 +102,13 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True,
         started = time.monotonic()
         sampled = sample_workers(ids, config.fraction, config.seed, number)
         accepted = []
+        true_gradients = {}
         for worker_id in sampled:
             worker = workers[worker_id]
             gradient, loss = worker.trainer.train([*result.params, *result.buffers], config.local_steps,
                                                   config.batch_size, config.local_lr, number)
+            if observe is not None:
+                true_gradients[worker_id] = gradient
             encoded = worker.encoder.encode(gradient, number, config.delta, wire_dtype,
                                             error_feedback=config.error_feedback)
             update = ReceivedUpdate(
@@ -115,6 +132,9 @@ def simulate(config: ExperimentConfig, evaluate_every_round: bool = True,
             current = GlobalModel(rebuilt, outcome.model.velocity, outcome.model.buffers, *figures)
         else:
             current = outcome.model
+        if observe is not None:
+            observe(RoundGradients(number, true_gradients, {k: workers[k].trainer.num_samples for k in true_gradients},
+                                   before=result.params, after=current.params))
         result.params, result.buffers = current.params, current.buffers
         record = {
             "round": number,

@@ -7,17 +7,23 @@ epochs 1..e explain 95% and 99% of their variance: N95(e), N99(e). Counts
 far below e say that new gradients keep falling into the span of old ones,
 which is the bet LBGM makes when it sends rho instead of a gradient.
 
-Centering: none. The count is taken from the singular values of the raw
-row-stacked gradients G (e x values), i.e. it measures the linear span of
-the gradients. That is the quantity LBGM exploits: it rebuilds a gradient
-as rho * LBG, a line through the origin, and never subtracts a mean
-gradient. Uncentered analysis is also defined from the first epoch on
-(centering over epochs leaves nothing at e = 1). The authors' script
-(FedOptim, src/process_grads.py) fits sklearn's PCA to G transposed, which
-subtracts each gradient's mean over its own entries. Measured on the CNN
-(3,000 embedded MNIST images, 8 epochs) the two give identical counts for
-the layers of 5,000 values and more, and differ by at most 2 for the small
-bias and first-convolution tensors.
+Centering: none by default. The count is taken from the singular values of
+the raw row-stacked gradients G (e x values), i.e. it measures the linear
+span of the gradients. That is the quantity LBGM exploits: it rebuilds a
+gradient as rho * LBG, a line through the origin, and never subtracts a mean
+gradient. Uncentered analysis is also defined from the first epoch on. The
+authors' script (FedOptim, src/process_grads.py) fits sklearn's PCA to G
+transposed, which subtracts each gradient's mean over its own entries:
+`centered=True` does the same. Measured on the CNN (3,000 embedded MNIST
+images, 8 epochs) the two give identical counts for the layers of 5,000
+values and more, and differ by at most 2 for the small bias and
+first-convolution tensors.
+
+Momentum: the authors' script analyses v_e = m v_(e-1) + g_e with m = 0.9
+(src/sh/process_grads.sh, `--m 0.9`), not the raw epoch gradients g_e.
+`momentum=m` does the same. Both momentum and centering are linear maps of
+the rows (V = A G with A[e, i] = m^(e-i); a row's mean is its sum / values),
+so they are applied to the Gram matrix and the row sums, never to the rows.
 
 Computation: the squared singular values of G are the eigenvalues of the
 e x e Gram matrix G G^T (float64), and the Gram matrix of epochs 1..e is the
@@ -29,15 +35,20 @@ Squaring loses components below ~1e-16 of the largest, which cannot move a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
-from lbgm.task import Examples
+from lbgm.common.lookback import aggregation_weights, weighted_sum
+from lbgm.experiment.config import ExperimentConfig
+from lbgm.sim.federation import RoundGradients, simulate
+from lbgm.task import Examples, Task
 from lbgm.tasks.datasets import load_dataset
 from lbgm.tasks.image import accuracy_and_loss
 from lbgm.tasks.models import build_model
@@ -68,6 +79,14 @@ class GradientHistory:
 
 
 @dataclass(frozen=True)
+class Treatment:
+    """How the rows are turned into the matrix whose components are counted."""
+
+    momentum: float = 0.0  # analyse v_e = momentum * v_(e-1) + g_e; 0 = the raw gradients
+    centered: bool = False  # subtract each row's mean over its own entries (sklearn's PCA of G^T)
+
+
+@dataclass(frozen=True)
 class AnalysisSettings:
     dataset: str
     model: str
@@ -77,6 +96,8 @@ class AnalysisSettings:
     seed: int = 0
     max_samples: int | None = None  # the first N training samples; None = all
     data_dir: Path | None = None
+    weight_decay: float = 0.0  # L2 term of the training loss; its gradient is part of the recorded one
+    treatment: Treatment = field(default_factory=Treatment)
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,27 @@ def gram_matrix(rows: Sequence[torch.Tensor]) -> torch.Tensor:
         raise ValueError("need at least one gradient row, got none")
     matrix = torch.stack([row.reshape(-1).to(torch.float64) for row in rows])
     return matrix @ matrix.T
+
+
+def momentum_matrix(count: int, momentum: float) -> torch.Tensor:
+    """A with (A G)_e = v_e = momentum * v_(e-1) + g_e, v_0 = 0: A[e, i] = momentum^(e-i) for i <= e."""
+    steps = torch.arange(count, dtype=torch.float64)
+    powers = torch.tensor(momentum, dtype=torch.float64) ** (steps[:, None] - steps[None, :]).clamp(min=0)
+    return torch.tril(powers)
+
+
+def treated_gram(gram: torch.Tensor, row_sums: torch.Tensor, num_values: int, treatment: Treatment) -> torch.Tensor:
+    """The Gram matrix of the treated rows, from the raw rows' Gram matrix and sums.
+
+    Momentum: V = A G, so V V^T = A (G G^T) A^T and V's sums are A s. Centering
+    a row r of n values: <r_i - mean_i, r_j - mean_j> = <r_i, r_j> - s_i s_j / n.
+    """
+    if treatment.momentum:
+        mix = momentum_matrix(len(gram), treatment.momentum)
+        gram, row_sums = mix @ gram @ mix.T, mix @ row_sums
+    if treatment.centered:
+        gram = gram - torch.outer(row_sums, row_sums) / num_values
+    return gram
 
 
 def squared_singular_values(gram: torch.Tensor) -> torch.Tensor:
@@ -116,30 +158,68 @@ def components_for_fraction(squared_values: torch.Tensor, fraction: float) -> in
     return int(torch.nonzero(reached)[0]) + 1
 
 
-def counts_per_epoch(rows: Sequence[torch.Tensor], fraction: float) -> tuple[int, ...]:
-    """N_fraction(e) for e = 1..len(rows): the count over the first e rows."""
-    gram = gram_matrix(rows)
+def counts_from_gram(gram: torch.Tensor, fraction: float) -> tuple[int, ...]:
+    """N_fraction(e) for e = 1..len(gram): the Gram matrix of rows 1..e is its leading e x e block."""
     return tuple(components_for_fraction(squared_singular_values(gram[:e, :e]), fraction)
-                 for e in range(1, len(rows) + 1))
+                 for e in range(1, len(gram) + 1))
 
 
-def layer_spectrum(name: str, rows: Sequence[torch.Tensor]) -> LayerSpectrum:
-    n95, n99 = (counts_per_epoch(rows, fraction) for fraction in FRACTIONS)
+def row_sums(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([row.to(torch.float64).sum() for row in rows])
+
+
+def layer_gram(rows: Sequence[torch.Tensor], treatment: Treatment = Treatment()) -> torch.Tensor:
+    """The Gram matrix of the treated rows (one parameter tensor's gradient per epoch or round)."""
+    return treated_gram(gram_matrix(rows), row_sums(rows), rows[0].numel(), treatment)
+
+
+def counts_per_epoch(rows: Sequence[torch.Tensor], fraction: float, treatment: Treatment = Treatment()) -> tuple[int, ...]:
+    """N_fraction(e) for e = 1..len(rows): the count over the first e rows, treated."""
+    return counts_from_gram(layer_gram(rows, treatment), fraction)
+
+
+def layer_spectrum(name: str, rows: Sequence[torch.Tensor], treatment: Treatment = Treatment()) -> LayerSpectrum:
+    gram = layer_gram(rows, treatment)
+    n95, n99 = (counts_from_gram(gram, fraction) for fraction in FRACTIONS)
     return LayerSpectrum(name=name, num_values=rows[0].numel(), n95=n95, n99=n99)
 
 
+def spectra(rows: dict[str, list[torch.Tensor]], treatment: Treatment) -> tuple[LayerSpectrum, ...]:
+    """One LayerSpectrum per named parameter tensor, in the order given."""
+    return tuple(layer_spectrum(name, layer_rows, treatment) for name, layer_rows in rows.items())
+
+
+def cross_entropy_with_weight_decay(model: nn.Module, weight_decay: float) -> Callable:
+    """Cross-entropy + weight_decay / 2 * ||theta||^2. Its gradient, the loss's plus weight_decay * theta, is
+    what the reference's SGD(weight_decay=5e-4) stepped on and, in its torch 1.4, left in p.grad (added in
+    place), so it is the gradient the reference recorded."""
+    if not weight_decay:
+        return F.cross_entropy
+
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        penalty = sum(param.pow(2).sum() for param in model.parameters())
+        return F.cross_entropy(outputs, targets) + 0.5 * weight_decay * penalty
+
+    return loss
+
+
 def record_epoch_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int,
-                           batch_size: int, lr: float, seed: int, progress: bool = True) -> GradientHistory:
+                           batch_size: int, lr: float, seed: int, progress: bool = True,
+                           weight_decay: float = 0.0) -> GradientHistory:
     """Train `model` in place with minibatch SGD and keep each epoch's accumulated gradient.
 
     An epoch is len(labels) // batch_size steps over a fresh permutation (the
     last partial batch is dropped), which is the worker trainer's schedule, so
     the recorded gradient is exactly what a worker would upload after one epoch.
+    (The reference records the mean of the minibatch gradients instead: a
+    constant factor, which changes no count.)
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     names = [name for name, _ in model.named_parameters()]
-    trainer = LocalTrainer.default(model, Examples(images, labels), seed=seed)
+    data = Examples(images, labels)
+    task = Task(model=lambda: model, train_data=lambda _: data, loss=cross_entropy_with_weight_decay(model, weight_decay))
+    trainer = LocalTrainer(task, model, data, seed=seed)
     steps = max(1, trainer.num_samples // batch_size)
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     losses = []
@@ -162,8 +242,113 @@ def run_analysis(settings: AnalysisSettings, progress: bool = True) -> GradientS
     count = len(train) if settings.max_samples is None else min(settings.max_samples, len(train))
     model = build_model(settings.model, settings.seed, tuple(train.images.shape[1:]), train.num_classes)
     history = record_epoch_gradients(model, train.images[:count], train.labels[:count], settings.epochs,
-                                     settings.batch_size, settings.lr, settings.seed, progress)
+                                     settings.batch_size, settings.lr, settings.seed, progress, settings.weight_decay)
     accuracy = accuracy_and_loss(model, Examples(test.images, test.labels), batch_size=1000).accuracy
-    layers = tuple(layer_spectrum(name, rows) for name, rows in history.rows.items())
+    layers = spectra(history.rows, settings.treatment)
     return GradientSpaceReport(settings=settings, train_samples=count, epoch_losses=history.epoch_losses,
                                test_accuracy=accuracy, layers=layers)
+
+
+@dataclass(frozen=True)
+class FederatedSettings:
+    config: ExperimentConfig  # the federation, delta included (the CLI defaults it to 0: FedAvg)
+    track_workers: int  # workers 1..track_workers keep their own series
+    treatment: Treatment = field(default_factory=Treatment)
+
+
+@dataclass(frozen=True)
+class WorkerCounts:
+    """One layer's final counts over the tracked workers: median and max of each."""
+
+    name: str
+    num_values: int
+    n95_median: float
+    n95_max: int
+    n99_median: float
+    n99_max: int
+    rounds_max: int  # the most rounds a tracked worker took part in (every round when fraction = 1)
+
+
+@dataclass(frozen=True)
+class FederatedReport:
+    settings: FederatedSettings
+    workers: dict[int, tuple[LayerSpectrum, ...]]  # per tracked worker, over the rounds it took part in
+    aggregate: tuple[LayerSpectrum, ...]  # the sample-weighted mean of all sampled workers' true gradients
+    global_update: tuple[LayerSpectrum, ...]  # theta_t - theta_(t+1): what the server moved the model by
+    test_accuracy: float  # of the final global model
+
+
+class RoundRecorder:
+    """simulate's observer: keeps the series the federated analysis counts components of.
+
+    Per tracked worker its true gradient (before LBGM and any compressor); the weighted mean
+    of every sampled worker's true gradient, which is exactly what the server aggregates when
+    delta = 0 and no update is clipped; and the global update the workers receive. A series
+    is a list of rows per parameter tensor, in the model's order.
+    """
+
+    def __init__(self, tracked: Sequence[int], rounds: int, progress: bool) -> None:
+        self.workers: dict[int, list[list[torch.Tensor]]] = {k: [] for k in tracked}
+        self.aggregate: list[list[torch.Tensor]] = []
+        self.global_update: list[list[torch.Tensor]] = []
+        self._bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not progress, dynamic_ncols=True)
+
+    @staticmethod
+    def _append(series: list[list[torch.Tensor]], tensors: Sequence[torch.Tensor]) -> None:
+        if not series:
+            series.extend([] for _ in tensors)
+        for rows, tensor in zip(series, tensors, strict=True):
+            rows.append(tensor.detach().reshape(-1).clone())
+
+    def __call__(self, round_: RoundGradients) -> None:
+        for worker_id, series in self.workers.items():
+            if worker_id in round_.gradients:
+                self._append(series, round_.gradients[worker_id])
+        ids = sorted(round_.gradients)
+        weights = aggregation_weights([round_.num_samples[k] for k in ids])
+        self._append(self.aggregate, weighted_sum([round_.gradients[k] for k in ids], weights))
+        self._append(self.global_update, [b - a for b, a in zip(round_.before, round_.after, strict=True)])
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def named_spectra(names: Sequence[str], series: list[list[torch.Tensor]],
+                  treatment: Treatment) -> tuple[LayerSpectrum, ...]:
+    return spectra(dict(zip(names, series, strict=True)), treatment)
+
+
+def run_federated_analysis(settings: FederatedSettings, progress: bool = True) -> FederatedReport:
+    """Run the federation in-process (lbgm.sim.federation), then N95/N99 per layer and round for each series."""
+    config = settings.config
+    if not 1 <= settings.track_workers <= config.workers:
+        raise ValueError(f"track_workers must lie in [1, {config.workers}] (the workers), got {settings.track_workers}")
+    recorder = RoundRecorder(range(1, settings.track_workers + 1), config.rounds, progress)
+    try:
+        result = simulate(config, evaluate_every_round=False, observe=recorder)
+    finally:
+        recorder.close()
+    names = [name for name, _ in result.workers[1].trainer.model.named_parameters()]
+    treatment = settings.treatment
+    return FederatedReport(
+        settings=settings,
+        workers={k: named_spectra(names, series, treatment) for k, series in recorder.workers.items() if series},
+        aggregate=named_spectra(names, recorder.aggregate, treatment),
+        global_update=named_spectra(names, recorder.global_update, treatment),
+        test_accuracy=float(result.rounds[-1].get("test_accuracy", float("nan"))))
+
+
+def worker_counts(report: FederatedReport) -> tuple[WorkerCounts, ...]:
+    """Per layer, the median and max over the tracked workers of their final N95 and N99."""
+    per_worker = list(report.workers.values())
+    summary = []
+    for index, layer in enumerate(report.aggregate):
+        finals = [spectra_of_worker[index] for spectra_of_worker in per_worker]
+        n95 = [spectrum.n95[-1] for spectrum in finals]
+        n99 = [spectrum.n99[-1] for spectrum in finals]
+        summary.append(WorkerCounts(name=layer.name, num_values=layer.num_values,
+                                    n95_median=statistics.median(n95), n95_max=max(n95),
+                                    n99_median=statistics.median(n99), n99_max=max(n99),
+                                    rounds_max=max(len(spectrum.n95) for spectrum in finals)))
+    return tuple(summary)
