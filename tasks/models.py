@@ -86,6 +86,55 @@ def vgg19_bn(shape: InputShape, num_classes: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+INITS = ("default", "reference")  # the running torch's own initialisation, or torch 1.4's as the reference ran it
+UNIFORM_BITS = 24  # torch's CPU uniform_ for float32 keeps the low 24 bits of one 32-bit draw
+
+
+def torch14_uniform_(tensor: torch.Tensor, low: float, high: float) -> None:
+    """tensor.uniform_(low, high) as torch 1.4.0 (the reference's pin, FedOptim requirements.txt)
+    computed it on the CPU. Both versions take one 32-bit draw of the global generator per value,
+    in order, and keep its low 24 bits u; torch 1.4 then rounds twice in float32,
+    (u * 2**-24 * (high - low)) + low, where today's torch computes in double and rounds once,
+    so about half the values differ in their last bit. torch.randint(0, 2**24) takes the same
+    draw and gives u."""
+    drawn = torch.randint(0, 2**UNIFORM_BITS, tuple(tensor.shape), dtype=torch.int64)
+    low32 = torch.tensor(low, dtype=torch.float32)
+    span32 = torch.tensor(high, dtype=torch.float32) - low32
+    with torch.no_grad():
+        tensor.copy_(drawn.to(torch.float32) * 2.0**-UNIFORM_BITS * span32 + low32)
+
+
+def _torch14_reset(layer: nn.Conv2d | nn.Linear) -> None:
+    """The layer's reset_parameters() of torch 1.4 (nn/modules/conv.py:48-53, linear.py:79-84):
+    kaiming_uniform_(weight, a=sqrt(5)), then the bias uniform in +-1/sqrt(fan_in); the bounds in
+    double as torch 1.4's nn/init.py:310-315 gives them."""
+    fan_in = layer.weight[0].numel()
+    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
+    bound = math.sqrt(3.0) * (gain / math.sqrt(fan_in))
+    torch14_uniform_(layer.weight, -bound, bound)
+    if layer.bias is not None:
+        bias_bound = 1 / math.sqrt(fan_in)
+        torch14_uniform_(layer.bias, -bias_bound, bias_bound)
+
+
+def reference_initialised(make: Callable[[], nn.Module]) -> nn.Module:
+    """make()'s model with its Conv2d and Linear layers drawn again, from the random state make()
+    started from and in the same order, as torch 1.4 drew them: under torch.manual_seed(seed) the
+    reference's weights for that seed (its CNN: FedOptim src/models/cnn.py, seeded by
+    src/common/utils.py:50 from src/train_federated.py:29 before src/models/utils.py:55 builds it).
+    Layers must be created in the order they are registered; BatchNorm draws nothing."""
+    start = torch.random.get_rng_state()
+    model = make()
+    torch.random.set_rng_state(start)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            _torch14_reset(module)
+        elif not isinstance(module, nn.BatchNorm2d) and any(True for _ in module.parameters(recurse=False)):
+            raise ValueError(f"init=reference knows torch 1.4's initialisation of Conv2d, Linear and BatchNorm2d "
+                             f"only; the model has parameters in a {type(module).__name__}")
+    return model
+
+
 MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
     "cnn": reference_cnn,
     "fcn": fully_connected,
@@ -95,7 +144,8 @@ MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
 }
 
 
-def build_model(name: str, seed: int, shape: InputShape = (1, 28, 28), num_classes: int = 10) -> nn.Module:
+def build_model(name: str, seed: int, shape: InputShape = (1, 28, 28), num_classes: int = 10,
+                init: str = "default") -> nn.Module:
     """A freshly initialised model; the same arguments give the same weights.
 
     BatchNorm running statistics are buffers, not gradients: they travel with
@@ -107,4 +157,11 @@ def build_model(name: str, seed: int, shape: InputShape = (1, 28, 28), num_class
         factory = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
-    return seeded(seed, lambda: factory(shape, num_classes))
+    return seeded(seed, initialised(lambda: factory(shape, num_classes), init))
+
+
+def initialised(make: Callable[[], nn.Module], init: str) -> Callable[[], nn.Module]:
+    """The model factory for initialisation `init` (one of INITS)."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {list(INITS)}")
+    return make if init == "default" else lambda: reference_initialised(make)

@@ -8,6 +8,11 @@
   than C/k workers some classes are held by nobody and their samples unused.
 - dirichlet: per class, worker proportions drawn from Dirichlet(alpha); the
   draw is repeated (up to 100 times) until no worker is empty.
+- reference: the LBGM authors' own split (shams-sam/FedOptim at 381a63e,
+  src/data/distributor.py:29-123 as called by src/init_data.py:31-67), draw for
+  draw, seeded as that script is not (see `_reference_label_shards`). Unlike
+  shards, a worker can be dealt one class twice and then holds fewer than k,
+  and each class whose size the holders do not divide loses one sample.
 
 Shards are disjoint, sorted index tensors; the same arguments give the same shards.
 """
@@ -19,8 +24,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-PARTITIONS = ("iid", "shards", "dirichlet")
+PARTITIONS = ("iid", "shards", "dirichlet", "reference")
 MAX_LISTED_CLASSES = 10  # format_class_summary lists at most this many classes per worker
+RESHUFFLES = 10  # the reference permutes the whole training set this many times (distributor.py:58)
 
 
 def partition(
@@ -38,6 +44,9 @@ def partition(
         raise ValueError(f"unknown partition {scheme!r}; choose one of {list(PARTITIONS)}")
     if not 1 <= num_shards <= len(labels):
         raise ValueError(f"need 1 <= num_shards <= {len(labels)} samples, got {num_shards}")
+    if scheme == "reference":
+        shards = _reference_label_shards(labels, num_shards, classes_per_worker, seed)
+        return [torch.sort(shard).values for shard in shards]
     rng = np.random.default_rng(seed)
     label_array = labels.numpy()
     if scheme == "iid":
@@ -90,6 +99,83 @@ def _label_shards(labels: np.ndarray, num_shards: int, k: int, rng: np.random.Ge
     for worker, shard in enumerate(shards):
         if len(shard) == 0:
             raise ValueError(f"worker {worker} got no samples: its classes {held[worker]} have fewer samples "
+                             f"than workers holding them; use fewer workers or more data")
+    return shards
+
+
+def _reference_loader_order(count: int, seed: int) -> torch.Tensor:
+    """The order in which torch 1.4's DataLoader(shuffle=True) yields `count` samples after
+    torch.manual_seed(seed): its iterator first draws one int64 base seed, then its sampler
+    takes torch.randperm(count) (torch 1.4 utils/data/dataloader.py and sampler.py). Checked
+    against torch 1.4.0 itself; today's DataLoader draws differently, so it is replayed here."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return torch.randperm(count, generator=generator)
+
+
+def _reference_class_stacks(classes: np.ndarray, num_shards: int, k: int,
+                            rng: np.random.RandomState) -> list[list[int]]:
+    """Each worker's k classes as the reference's assign_classes deals them (distributor.py:29-43):
+    worker w takes entries w*k .. w*k+k-1 of a stream of permutations of all classes, duplicates
+    included. A new permutation is drawn whenever one is used up, also after the last entry."""
+    stream: list[int] = []
+    order = classes[rng.permutation(len(classes))]
+    position = 0
+    while len(stream) < num_shards * k:
+        stream.append(int(order[position]))
+        position += 1
+        if position == len(order):
+            position = 0
+            order = order[rng.permutation(len(classes))]
+    return [sorted(stream[worker * k:worker * k + k]) for worker in range(num_shards)]
+
+
+def _reference_cuts(size: int, holdings: int) -> list[int]:
+    """Where the reference cuts a class of `size` samples among `holdings` (distributor.py:100-106):
+    cuts j * (size // holdings), then for each of the r = size mod holdings leftovers every cut
+    from the r-th on moves up by one. Cut j becomes j * (size // holdings) + min(j + 1, r): with
+    r > 0 the class's first sample goes to nobody and the first r - 1 pieces get one extra."""
+    base, leftovers = divmod(size, holdings)
+    return [cut * base + min(cut + 1, leftovers) for cut in range(holdings + 1)]
+
+
+def _reference_label_shards(labels: torch.Tensor, num_shards: int, k: int, seed: int) -> list[torch.Tensor]:
+    """The reference's non-iid split (get_distributed_data with uniform=True, shuffle=True,
+    distributor.py:52-123) of the training set in file order, with shard w = its node w (worker
+    L0_W<w>, train_federated.py:45, train.py:273-277).
+
+    Its randomness, in its order: the DataLoader's shuffle of the whole set (init_data.py:31-38),
+    ten numpy permutations (distributor.py:57-61), then assign_classes' permutations. init_data.py
+    seeds neither generator, so its own split changes from run to run; here torch and numpy's
+    legacy global generator are taken as seeded with `seed` (np.random.RandomState(seed) draws
+    exactly as np.random.seed(seed) would have). Each class's samples, in shuffled order, are cut
+    into one piece per holding (a worker dealt the class twice gets two) by `_reference_cuts`."""
+    classes = np.unique(labels.numpy())
+    if not 1 <= k < len(classes):
+        raise ValueError(f"partition reference needs classes_per_worker in [1, {len(classes) - 1}] (fewer than "
+                         f"the {len(classes)} classes present; with all of them the reference splits iid with "
+                         f"sklearn, which this option does not replay), got {k}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"partition reference seeds numpy's legacy generator and needs 0 <= seed < 2**32, got {seed}")
+    rng = np.random.RandomState(seed)
+    order = _reference_loader_order(len(labels), seed).numpy()
+    for _ in range(RESHUFFLES):
+        order = order[rng.permutation(len(order))]
+    stacks = _reference_class_stacks(classes, num_shards, k, rng)
+    pieces: list[list[np.ndarray]] = [[] for _ in range(num_shards)]
+    shuffled_labels = labels.numpy()[order]
+    for label in classes:
+        members = order[shuffled_labels == label]
+        holders = [worker for worker, stack in enumerate(stacks) for held in stack if held == label]
+        if not holders:
+            continue  # dealt to nobody (too few workers): its samples stay unused, as in the reference
+        cuts = _reference_cuts(len(members), len(holders))
+        for holding, worker in enumerate(holders):
+            pieces[worker].append(members[cuts[holding]:cuts[holding + 1]])
+    shards = [torch.as_tensor(np.concatenate(worker_pieces), dtype=torch.int64) for worker_pieces in pieces]
+    for worker, shard in enumerate(shards):
+        if len(shard) == 0:
+            raise ValueError(f"worker {worker} got no samples: its classes {stacks[worker]} have fewer samples "
                              f"than workers holding them; use fewer workers or more data")
     return shards
 
