@@ -20,6 +20,7 @@ from lbgm.common.compressors import COMPRESSORS, CompressorSettings
 from lbgm.server.robust import RobustRule
 from lbgm.task import TaskOptions
 from lbgm.task.loader import BUILTIN_TASK
+from lbgm.tasks.models import INITS
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 DOWNLINK_DTYPES = ("float32", "float16")
@@ -45,7 +46,7 @@ class ExperimentConfig:
     name: str = _doc("run name; results go to <out_dir>/<name>", "lbgm")
     task: str = _doc("the federated job: package.module:name or path/to/file.py:name naming a lbgm.task.Task or a "
                      "factory of one (docs/TASKS.md); the built-in image-classification task reads dataset, model, "
-                     "partition, classes_per_worker, dirichlet_alpha and eval_batch_size", BUILTIN_TASK)
+                     "partition, classes_per_worker, dirichlet_alpha, eval_batch_size and init", BUILTIN_TASK)
     weights: str = _doc("a server runs from this initial weights file (safetensors, written by `lbgm init-weights`) "
                         "instead of the task: it then loads no task code and no data, checks uploads against the "
                         "file's tensors, trusts the workers' sample counts up to max_worker_samples and evaluates "
@@ -55,10 +56,15 @@ class ExperimentConfig:
                         "mnist-embedded")
     data_dir: str = _doc("folder holding the task's data, e.g. MNIST/raw or FashionMNIST/raw (may be read-only)", "")
     model: str = _doc("model of the built-in task: cnn, fcn, mlp, resnet18, vgg19_bn", "mlp")
-    partition: str = _doc("how the built-in task splits the training set: iid, shards, dirichlet", "iid")
-    classes_per_worker: int = _doc("classes per worker for partition=shards", 3)
+    partition: str = _doc("how the built-in task splits the training set: iid, shards, dirichlet, reference (the "
+                          "LBGM authors' split, replayed draw for draw with torch and numpy seeded by seed; "
+                          "docs/RESULTS.md)", "iid")
+    classes_per_worker: int = _doc("classes per worker for partition=shards or reference", 3)
     dirichlet_alpha: float = _doc("concentration for partition=dirichlet (smaller = more skewed)", 0.5)
     seed: int = _doc("seed for model init, partition, client sampling and local batches", 0)
+    init: str = _doc("initial weights of the built-in task's model: default (this torch's initialisation under "
+                     "torch.manual_seed(seed)) or reference (the same draws computed as torch 1.4, the LBGM "
+                     "authors' version, computed them: their weights for the seed)", "default")
     workers: int = _doc("number of workers (= data shards)", 10)
     min_workers: int = _doc("workers that must join before round 1 (0 = all)", 0)
     fraction: float = _doc("fraction of joined workers sampled each round", 1.0)
@@ -126,6 +132,7 @@ class ExperimentConfig:
             (self.downlink_dtype in DOWNLINK_DTYPES,
              f"downlink_dtype must be one of {list(DOWNLINK_DTYPES)}, got {self.downlink_dtype!r}"),
             (self.classes_per_worker >= 1, f"classes_per_worker must be >= 1, got {self.classes_per_worker}"),
+            (self.init in INITS, f"init must be one of {list(INITS)}, got {self.init!r}"),
             (self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}"),
             (self.round_timeout > 0, f"round_timeout must be > 0, got {self.round_timeout}"),
             (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
@@ -155,7 +162,7 @@ class ExperimentConfig:
     def task_options(self) -> TaskOptions:
         return TaskOptions(dataset=self.dataset, model=self.model, partition=self.partition,
                            classes_per_worker=self.classes_per_worker, dirichlet_alpha=self.dirichlet_alpha,
-                           eval_batch_size=self.eval_batch_size)
+                           eval_batch_size=self.eval_batch_size, init=self.init)
 
     @property
     def data_path(self) -> Path | None:

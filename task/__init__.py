@@ -65,6 +65,7 @@ class TaskOptions:
     classes_per_worker: int = 3
     dirichlet_alpha: float = 0.5
     eval_batch_size: int = 1000
+    init: str = "default"  # built-in task's initial weights; only the server builds them, so not sent to workers
 
 
 @dataclass(frozen=True)

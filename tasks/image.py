@@ -1,6 +1,6 @@
 """The built-in job: image classification with a zoo model on a partitioned image data set,
 written with the task API like any user's task. The experiment settings dataset, model,
-partition, classes_per_worker, dirichlet_alpha and eval_batch_size are its parameters; local
+partition, classes_per_worker, dirichlet_alpha, eval_batch_size and init are its parameters; local
 training is the library's default (tau SGD steps with cross-entropy)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from lbgm.task import Evaluation, Examples, Shard, Task, TaskOptions
 from lbgm.tasks.datasets import DATASETS, INFO, ImageDataset, load_dataset
-from lbgm.tasks.models import MODELS
+from lbgm.tasks.models import INITS, MODELS, initialised
 from lbgm.tasks.partition import PARTITIONS, class_summary, format_class_summary, partition
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,14 @@ def check_options(options: TaskOptions) -> None:
         (options.dataset in DATASETS, f"dataset must be one of {list(DATASETS)}, got {options.dataset!r}"),
         (options.model in MODELS, f"model must be one of {sorted(MODELS)}, got {options.model!r}"),
         (options.partition in PARTITIONS, f"partition must be one of {list(PARTITIONS)}, got {options.partition!r}"),
+        (options.init in INITS, f"init must be one of {list(INITS)}, got {options.init!r}"),
     ]
+    if options.partition == "reference" and options.dataset in INFO:
+        classes = INFO[options.dataset].num_classes
+        checks.append((options.classes_per_worker < classes,
+                       f"partition reference needs classes_per_worker below the {classes} classes of "
+                       f"{options.dataset} (with all of them the authors' code splits iid instead), "
+                       f"got {options.classes_per_worker}"))
     problems = [message for ok, message in checks if not ok]
     if problems:
         raise ValueError("; ".join(problems))
@@ -105,7 +112,7 @@ def classification(options: TaskOptions) -> Task:
         return format_class_summary(torch.cat([shard.targets for shard in shards]), ranges, info.num_classes)
 
     return Task(
-        model=lambda: factory(info.shape, info.num_classes),
+        model=initialised(lambda: factory(info.shape, info.num_classes), options.init),
         train_data=train_data,
         validation_data=validation_data,
         test_data=test_data,
