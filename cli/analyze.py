@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lbgm.cli.options import UsageError, add_log_level
 from lbgm.experiment.config import load_config
-from lbgm.report.gradient_space import OUTPUT_FILES, write_outputs
+from lbgm.report.gradient_space import OUTPUT_FILES, load_report, write_outputs
 from lbgm.sim.gradient_space import (
     AnalysisSettings, FederatedSettings, Treatment, run_analysis, run_federated_analysis,
 )
@@ -60,6 +60,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--centered", action="store_true",
                         help="subtract each gradient's mean over its own entries before counting, as the "
                              "reference's sklearn PCA does (default: uncentered, the span LBGM uses)")
+    parser.add_argument("--recount", type=Path, metavar="DIR",
+                        help="train nothing: count again the gradients of an earlier run's --out folder (its json and "
+                             "grams files) with this --momentum and --centered")
     parser.add_argument("--torch-threads", type=int, default=1, help="intra-op threads for training (default: 1)")
     federated = parser.add_argument_group(
         "federated mode (--dataset, --model, --epochs, --batch-size, --lr, --seed, --max-samples and "
@@ -83,6 +86,8 @@ def usage_problems(args: argparse.Namespace) -> Iterator[str]:
         yield f"--momentum must lie in [0, 1], got {args.momentum}"
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0.0):
         yield f"--weight-decay must be a number >= 0, got {args.weight_decay}"
+    if args.recount is not None and not args.recount.is_dir():
+        yield f"--recount {args.recount} is not a folder"
     if args.federated:
         yield from federated_problems(args)
     elif args.config is not None or args.rounds is not None:
@@ -149,7 +154,12 @@ def cmd_analyze_gradients(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     torch.set_num_threads(args.torch_threads)
-    report = run_federated_analysis(settings) if isinstance(settings, FederatedSettings) else run_analysis(settings)
+    if args.recount is not None:
+        report = load_report(args.recount, settings.treatment)
+    elif isinstance(settings, FederatedSettings):
+        report = run_federated_analysis(settings)
+    else:
+        report = run_analysis(settings)
     print(write_outputs(report, args.out), end="")
     print(f"wrote {', '.join(str(args.out / name) for name in OUTPUT_FILES)}")
     return 0

@@ -1,7 +1,9 @@
 """The files of the gradient-space analysis (`lbgm analyze-gradients`): gradient_space.json
-(every count), gradient_space.md (the final table) and gradient_space.png (N95 and N99 against
-epoch or round, one panel per layer, with the ceiling N = epochs). Central training and the
-federated run (`--federated`) write the same three files. The analysis itself is
+(every count), gradient_space.md (the final table), gradient_space.png (N95 and N99 against
+epoch or round, one panel per layer, with the ceiling N = epochs) and
+gradient_space_grams.safetensors (each series' raw Gram matrix and row sums per layer, from
+which `--recount` counts again under another treatment without retraining). Central training
+and the federated run (`--federated`) write the same four files. The analysis itself is
 lbgm.sim.gradient_space."""
 
 from __future__ import annotations
@@ -15,14 +17,21 @@ from pathlib import Path
 from types import ModuleType
 
 import matplotlib
+import torch
 from matplotlib.figure import Figure
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from matplotlib.ticker import MaxNLocator
 
+from lbgm.experiment.config import ExperimentConfig
+from lbgm.report.runs import ReportError
 from lbgm.sim.gradient_space import (
-    FRACTIONS, FederatedReport, GradientSpaceReport, LayerSpectrum, Treatment, worker_counts,
+    FRACTIONS, AnalysisSettings, FederatedReport, FederatedSettings, GradientSpaceReport, LayerSpectrum, RawGram,
+    Treatment, recounted, worker_counts,
 )
 
-OUTPUT_FILES = ("gradient_space.json", "gradient_space.md", "gradient_space.png")
+OUTPUT_FILES = ("gradient_space.json", "gradient_space.md", "gradient_space.png", "gradient_space_grams.safetensors")
+CENTRAL = "central"  # the series name of central training in the grams file
 
 
 def meaning(treatment: Treatment, unit: str) -> str:
@@ -192,11 +201,53 @@ def federated_table(report: FederatedReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def series_grams(report: GradientSpaceReport | FederatedReport) -> dict[str, tuple[RawGram, ...]]:
+    return report.grams if isinstance(report, FederatedReport) else {CENTRAL: report.grams}
+
+
+def grams_tensors(report: GradientSpaceReport | FederatedReport) -> dict[str, torch.Tensor]:
+    """The raw Gram matrices and row sums, keyed <series>/<layer>/gram and <series>/<layer>/row_sums."""
+    return {f"{series}/{raw.name}/{part}": getattr(raw, part).contiguous()
+            for series, grams in series_grams(report).items() for raw in grams for part in ("gram", "row_sums")}
+
+
+def load_report(folder: Path, treatment: Treatment) -> GradientSpaceReport | FederatedReport:
+    """An earlier run's report from its json and grams files, counted under `treatment` (no retraining)."""
+    json_path, grams_path = folder / OUTPUT_FILES[0], folder / OUTPUT_FILES[3]
+    try:
+        document = json.loads(json_path.read_text())
+        tensors = load_file(grams_path)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ReportError(f"cannot read the analysis in {folder}: {error}") from None
+
+    def grams(series: str, layers: list[dict]) -> tuple[RawGram, ...]:
+        try:
+            return tuple(RawGram(layer["name"], layer["values"], tensors[f"{series}/{layer['name']}/gram"],
+                                 tensors[f"{series}/{layer['name']}/row_sums"]) for layer in layers)
+        except KeyError as error:
+            raise ReportError(f"{grams_path} lacks {error}; is it the grams file of {json_path}?") from None
+
+    if "config" in document:
+        series = {name: grams(name, document[name]) for name in ("aggregate", "global_update")}
+        series.update({f"worker_{k}": grams(f"worker_{k}", layers) for k, layers in document["workers"].items()})
+        settings = FederatedSettings(config=ExperimentConfig(**document["config"]),
+                                     track_workers=document["track_workers"])
+        report = FederatedReport(settings=settings, grams=series, spectra={}, test_accuracy=document["test_accuracy"])
+    else:
+        settings = AnalysisSettings(**document["settings"])
+        central = grams(CENTRAL, document["layers"])
+        report = GradientSpaceReport(settings=settings, train_samples=document["train_samples"],
+                                     epoch_losses=tuple(document["epoch_losses"]),
+                                     test_accuracy=document["test_accuracy"], grams=central, layers=())
+    return recounted(report, treatment)
+
+
 def write_outputs(report: GradientSpaceReport | FederatedReport, out: Path) -> str:
-    """Write the three files to `out` (created); returns the markdown."""
+    """Write the four files to `out` (created); returns the markdown."""
     federated = isinstance(report, FederatedReport)
     out.mkdir(parents=True, exist_ok=True)
-    json_path, markdown_path, plot_path = (out / name for name in OUTPUT_FILES)
+    json_path, markdown_path, plot_path, grams_path = (out / name for name in OUTPUT_FILES)
+    save_file(grams_tensors(report), grams_path)
     json_path.write_text(json.dumps(federated_json(report) if federated else report_json(report), indent=2) + "\n")
     markdown = federated_table(report) if federated else markdown_table(report)
     markdown_path.write_text(markdown)

@@ -35,6 +35,7 @@ Squaring loses components below ~1e-16 of the largest, which cannot move a
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,17 @@ class LayerSpectrum:
     num_values: int
     n95: tuple[int, ...]
     n99: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RawGram:
+    """One parameter tensor's series before any treatment: every count derives from it, and the archive
+    (gradient_space_grams.safetensors) keeps it, so other treatments need no retraining."""
+
+    name: str
+    num_values: int
+    gram: torch.Tensor  # e x e float64: <row i, row j>
+    row_sums: torch.Tensor  # e float64: each row's sum over its entries
 
 
 @dataclass(frozen=True)
@@ -106,7 +118,8 @@ class GradientSpaceReport:
     train_samples: int
     epoch_losses: tuple[float, ...]
     test_accuracy: float  # of the model after the last epoch
-    layers: tuple[LayerSpectrum, ...]
+    grams: tuple[RawGram, ...]
+    layers: tuple[LayerSpectrum, ...]  # the counts of the grams treated as settings.treatment says
 
 
 def gram_matrix(rows: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -168,6 +181,10 @@ def row_sums(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([row.to(torch.float64).sum() for row in rows])
 
 
+def raw_gram(name: str, rows: Sequence[torch.Tensor]) -> RawGram:
+    return RawGram(name=name, num_values=rows[0].numel(), gram=gram_matrix(rows), row_sums=row_sums(rows))
+
+
 def layer_gram(rows: Sequence[torch.Tensor], treatment: Treatment = Treatment()) -> torch.Tensor:
     """The Gram matrix of the treated rows (one parameter tensor's gradient per epoch or round)."""
     return treated_gram(gram_matrix(rows), row_sums(rows), rows[0].numel(), treatment)
@@ -178,15 +195,19 @@ def counts_per_epoch(rows: Sequence[torch.Tensor], fraction: float, treatment: T
     return counts_from_gram(layer_gram(rows, treatment), fraction)
 
 
-def layer_spectrum(name: str, rows: Sequence[torch.Tensor], treatment: Treatment = Treatment()) -> LayerSpectrum:
-    gram = layer_gram(rows, treatment)
+def spectrum(raw: RawGram, treatment: Treatment = Treatment()) -> LayerSpectrum:
+    gram = treated_gram(raw.gram, raw.row_sums, raw.num_values, treatment)
     n95, n99 = (counts_from_gram(gram, fraction) for fraction in FRACTIONS)
-    return LayerSpectrum(name=name, num_values=rows[0].numel(), n95=n95, n99=n99)
+    return LayerSpectrum(name=raw.name, num_values=raw.num_values, n95=n95, n99=n99)
 
 
-def spectra(rows: dict[str, list[torch.Tensor]], treatment: Treatment) -> tuple[LayerSpectrum, ...]:
-    """One LayerSpectrum per named parameter tensor, in the order given."""
-    return tuple(layer_spectrum(name, layer_rows, treatment) for name, layer_rows in rows.items())
+def raw_grams(names: Sequence[str], series: Sequence[Sequence[torch.Tensor]]) -> tuple[RawGram, ...]:
+    """One RawGram per parameter tensor: `series` holds each tensor's rows, in the order of `names`."""
+    return tuple(raw_gram(name, rows) for name, rows in zip(names, series, strict=True))
+
+
+def spectra(grams: Sequence[RawGram], treatment: Treatment) -> tuple[LayerSpectrum, ...]:
+    return tuple(spectrum(raw, treatment) for raw in grams)
 
 
 def cross_entropy_with_weight_decay(model: nn.Module, weight_decay: float) -> Callable:
@@ -244,9 +265,9 @@ def run_analysis(settings: AnalysisSettings, progress: bool = True) -> GradientS
     history = record_epoch_gradients(model, train.images[:count], train.labels[:count], settings.epochs,
                                      settings.batch_size, settings.lr, settings.seed, progress, settings.weight_decay)
     accuracy = accuracy_and_loss(model, Examples(test.images, test.labels), batch_size=1000).accuracy
-    layers = spectra(history.rows, settings.treatment)
+    grams = raw_grams(list(history.rows), list(history.rows.values()))
     return GradientSpaceReport(settings=settings, train_samples=count, epoch_losses=history.epoch_losses,
-                               test_accuracy=accuracy, layers=layers)
+                               test_accuracy=accuracy, grams=grams, layers=spectra(grams, settings.treatment))
 
 
 @dataclass(frozen=True)
@@ -269,13 +290,50 @@ class WorkerCounts:
     rounds_max: int  # the most rounds a tracked worker took part in (every round when fraction = 1)
 
 
+AGGREGATE, GLOBAL_UPDATE = "aggregate", "global_update"
+
+
+def worker_series(worker_id: int) -> str:
+    return f"worker_{worker_id}"
+
+
 @dataclass(frozen=True)
 class FederatedReport:
+    """Series: AGGREGATE, the sample-weighted mean of all sampled workers' true gradients; GLOBAL_UPDATE,
+    theta_t - theta_(t+1), what the server moved the model by; worker_series(k), tracked worker k's true
+    gradient in the rounds it took part in."""
+
     settings: FederatedSettings
-    workers: dict[int, tuple[LayerSpectrum, ...]]  # per tracked worker, over the rounds it took part in
-    aggregate: tuple[LayerSpectrum, ...]  # the sample-weighted mean of all sampled workers' true gradients
-    global_update: tuple[LayerSpectrum, ...]  # theta_t - theta_(t+1): what the server moved the model by
+    grams: dict[str, tuple[RawGram, ...]]  # per series
+    spectra: dict[str, tuple[LayerSpectrum, ...]]  # the grams treated as settings.treatment says
     test_accuracy: float  # of the final global model
+
+    @property
+    def aggregate(self) -> tuple[LayerSpectrum, ...]:
+        return self.spectra[AGGREGATE]
+
+    @property
+    def global_update(self) -> tuple[LayerSpectrum, ...]:
+        return self.spectra[GLOBAL_UPDATE]
+
+    @property
+    def workers(self) -> dict[int, tuple[LayerSpectrum, ...]]:
+        return {int(name.removeprefix("worker_")): layers for name, layers in self.spectra.items()
+                if name.startswith("worker_")}
+
+
+def recounted(report: GradientSpaceReport | FederatedReport,
+              treatment: Treatment) -> GradientSpaceReport | FederatedReport:
+    """The same gradients counted under another treatment (no retraining)."""
+    settings = dataclasses.replace(report.settings, treatment=treatment)
+    if isinstance(report, FederatedReport):
+        return dataclasses.replace(report, settings=settings, spectra=spectra_of_series(report.grams, treatment))
+    return dataclasses.replace(report, settings=settings, layers=spectra(report.grams, treatment))
+
+
+def spectra_of_series(grams: dict[str, tuple[RawGram, ...]],
+                      treatment: Treatment) -> dict[str, tuple[LayerSpectrum, ...]]:
+    return {name: spectra(series, treatment) for name, series in grams.items()}
 
 
 class RoundRecorder:
@@ -314,11 +372,6 @@ class RoundRecorder:
         self._bar.close()
 
 
-def named_spectra(names: Sequence[str], series: list[list[torch.Tensor]],
-                  treatment: Treatment) -> tuple[LayerSpectrum, ...]:
-    return spectra(dict(zip(names, series, strict=True)), treatment)
-
-
 def run_federated_analysis(settings: FederatedSettings, progress: bool = True) -> FederatedReport:
     """Run the federation in-process (lbgm.sim.federation), then N95/N99 per layer and round for each series."""
     config = settings.config
@@ -330,13 +383,10 @@ def run_federated_analysis(settings: FederatedSettings, progress: bool = True) -
     finally:
         recorder.close()
     names = [name for name, _ in result.workers[1].trainer.model.named_parameters()]
-    treatment = settings.treatment
-    return FederatedReport(
-        settings=settings,
-        workers={k: named_spectra(names, series, treatment) for k, series in recorder.workers.items() if series},
-        aggregate=named_spectra(names, recorder.aggregate, treatment),
-        global_update=named_spectra(names, recorder.global_update, treatment),
-        test_accuracy=float(result.rounds[-1].get("test_accuracy", float("nan"))))
+    grams = {AGGREGATE: raw_grams(names, recorder.aggregate), GLOBAL_UPDATE: raw_grams(names, recorder.global_update),
+             **{worker_series(k): raw_grams(names, series) for k, series in recorder.workers.items() if series}}
+    return FederatedReport(settings=settings, grams=grams, spectra=spectra_of_series(grams, settings.treatment),
+                           test_accuracy=float(result.rounds[-1].get("test_accuracy", float("nan"))))
 
 
 def worker_counts(report: FederatedReport) -> tuple[WorkerCounts, ...]:

@@ -14,6 +14,7 @@ from lbgm.cli.analyze import add_parser
 from lbgm.cli.main import UsageError
 from lbgm.experiment.config import load_config
 from lbgm.report.gradient_space import report_figure
+from lbgm.report.runs import ReportError
 from lbgm.sim.federation import simulate
 from lbgm.sim.gradient_space import (
     AnalysisSettings, RoundRecorder, Treatment, counts_per_epoch, gram_matrix, layer_gram, momentum_matrix,
@@ -122,6 +123,19 @@ def test_the_command_applies_momentum_and_centering_to_the_recorded_gradients(tm
         assert layer["n95"] == list(counts_per_epoch(rows, 0.95, treatment))
 
 
+def test_recount_gives_the_counts_of_a_run_with_that_treatment_without_training(tmp_path):
+    common = ["analyze-gradients", "--model", "mlp", "--epochs", "4", "--max-samples", "600", "--batch-size", "100"]
+    for out, extra in [("treated", ["--momentum", "0.9", "--centered"]), ("raw", [])]:
+        args = lbgm_parser().parse_args([*common, *extra, "--out", str(tmp_path / out)])
+        assert args.func(args) == 0
+    args = lbgm_parser().parse_args(["analyze-gradients", "--recount", str(tmp_path / "raw"), "--momentum", "0.9",
+                                     "--centered", "--out", str(tmp_path / "recounted")])
+    assert args.func(args) == 0
+    treated, recounted = (json.loads((tmp_path / out / "gradient_space.json").read_text())
+                          for out in ("treated", "recounted"))
+    assert recounted == treated
+
+
 def test_the_plot_draws_the_ceiling_n_equal_epochs_in_every_panel():
     report = run_analysis(AnalysisSettings(dataset="mnist-embedded", model="mlp", epochs=3, batch_size=100, lr=0.05,
                                            max_samples=300), progress=False)
@@ -176,6 +190,7 @@ def test_federated_mode_counts_at_most_the_rounds_per_worker_and_for_the_aggrega
     (["--momentum", "1.5"], "--momentum must lie in [0, 1], got 1.5"),
     (["--weight-decay", "-1"], "--weight-decay must be a number >= 0, got -1.0"),
     (["--epochs", "1"], "--epochs must be >= 2"),
+    (["--recount", "/nonexistent/run"], "--recount /nonexistent/run is not a folder"),
 ])
 def test_bad_options_are_one_line_usage_errors(options, fragment, tmp_path):
     path = tmp_path / "tiny.toml"
@@ -185,4 +200,11 @@ def test_bad_options_are_one_line_usage_errors(options, fragment, tmp_path):
     with pytest.raises(UsageError) as error:
         args.func(args)
     assert fragment in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_recounting_a_folder_without_an_analysis_names_it(tmp_path):
+    args = lbgm_parser().parse_args(["analyze-gradients", "--recount", str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(ReportError, match=f"cannot read the analysis in {tmp_path}"):
+        args.func(args)
     assert not (tmp_path / "out").exists()
