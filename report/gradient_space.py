@@ -1,6 +1,6 @@
 """The files of the gradient-space analysis (`lbgm analyze-gradients`): gradient_space.json
 (every count), gradient_space.md (the final table), gradient_space.png (N95 and N99 against
-epoch or round, one panel per layer, with the ceiling N = epochs) and
+epoch or round, one panel per layer, with the ceiling N = epochs, capped at the layer's values) and
 gradient_space_grams.safetensors (each series' raw Gram matrix and row sums per layer, from
 which `--recount` counts again under another treatment without retraining). Central training
 and the federated run (`--federated`) write the same four files. The analysis itself is
@@ -99,15 +99,17 @@ def pyplot() -> ModuleType:
 
 
 def panels_figure(layers: Sequence[LayerSpectrum], curves: Sequence[Curves], unit: str, title: str) -> Figure:
-    """One panel per layer with its curves against epoch (or round) and the ceiling N = epochs."""
+    """One panel per layer with its curves against epoch (or round) and the ceiling N = epochs (or values)."""
     plt = pyplot()
     columns = min(4, len(layers))
     rows = math.ceil(len(layers) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.9 * rows), squeeze=False, sharex=True)
     for axis, layer, layer_curves in zip(axes.flat, layers, curves):
         steps = list(range(1, max(len(values) for values in layer_curves.values()) + 1))
-        # Drawn above the curves, so that it stays visible where a count reaches it.
-        axis.plot(steps, steps, color="0.35", linestyle=":", zorder=5, label=f"N = {unit}s (ceiling)")
+        # No count exceeds the rows so far nor the layer's values. Drawn above the curves, so that it
+        # stays visible where a count reaches it.
+        axis.plot(steps, [min(step, layer.num_values) for step in steps], color="0.35", linestyle=":", zorder=5,
+                  label=f"ceiling: N = {unit}s (at most the layer's values)")
         # A label is "<series> N95" or "<series> N99": one colour per series, N95 dashed.
         series = list(dict.fromkeys(label[:-3] for label in layer_curves))
         for label, values in layer_curves.items():

@@ -13,11 +13,11 @@ from torch.nn import functional as F
 from lbgm.cli.analyze import add_parser
 from lbgm.cli.main import UsageError
 from lbgm.experiment.config import load_config
-from lbgm.report.gradient_space import report_figure
+from lbgm.report.gradient_space import panels_figure, report_figure
 from lbgm.report.runs import ReportError
 from lbgm.sim.federation import simulate
 from lbgm.sim.gradient_space import (
-    AnalysisSettings, RoundRecorder, Treatment, counts_per_epoch, gram_matrix, layer_gram, momentum_matrix,
+    AnalysisSettings, LayerSpectrum, RoundRecorder, Treatment, counts_per_epoch, gram_matrix, layer_gram, momentum_matrix,
     record_epoch_gradients, run_analysis,
 )
 from lbgm.tasks.models import build_model
@@ -146,6 +146,13 @@ def test_the_plot_draws_the_ceiling_n_equal_epochs_in_every_panel():
         ceiling = [line for line in axis.get_lines() if "ceiling" in line.get_label()]
         assert len(ceiling) == 1
         assert list(ceiling[0].get_xdata()) == list(ceiling[0].get_ydata()) == [1, 2, 3]
+
+
+def test_the_ceiling_stops_at_the_layers_number_of_values():
+    layer = LayerSpectrum(name="bias", num_values=2, n95=(1, 1, 1, 1), n99=(1, 2, 2, 2))
+    figure = panels_figure([layer], [{"N99": layer.n99, "N95": layer.n95}], "epoch", "two values")
+    (ceiling,) = [line for line in figure.axes[0].get_lines() if "ceiling" in line.get_label()]
+    assert list(ceiling.get_ydata()) == [1, 2, 2, 2]
 
 
 def test_the_recorder_sees_true_gradients_whose_mean_is_the_servers_step(tmp_path):
