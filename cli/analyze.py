@@ -60,9 +60,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--centered", action="store_true",
                         help="subtract each gradient's mean over its own entries before counting, as the "
                              "reference's sklearn PCA does (default: uncentered, the span LBGM uses)")
+    parser.add_argument("--unit-rows", action="store_true",
+                        help="scale every (treated) gradient to length 1 before counting, so that late, small "
+                             "gradients weigh like early ones (LBGM's phase error ignores length; default: off)")
     parser.add_argument("--recount", type=Path, metavar="DIR",
                         help="train nothing: count again the gradients of an earlier run's --out folder (its json and "
-                             "grams files) with this --momentum and --centered")
+                             "grams files) with this --momentum, --centered and --unit-rows")
     parser.add_argument("--torch-threads", type=int, default=1, help="intra-op threads for training (default: 1)")
     federated = parser.add_argument_group(
         "federated mode (--dataset, --model, --epochs, --batch-size, --lr, --seed, --max-samples and "
@@ -133,7 +136,7 @@ def settings_from_args(args: argparse.Namespace) -> AnalysisSettings | Federated
     problem = next(usage_problems(args), None)
     if problem is not None:
         raise UsageError(problem)
-    treatment = Treatment(momentum=args.momentum, centered=args.centered)
+    treatment = Treatment(momentum=args.momentum, centered=args.centered, unit_rows=args.unit_rows)
     if args.federated:
         overrides = {"delta": args.delta, **({"rounds": args.rounds} if args.rounds is not None else {}),
                      **({"data_dir": str(args.data_dir)} if args.data_dir is not None else {})}

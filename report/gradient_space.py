@@ -39,13 +39,15 @@ def meaning(treatment: Treatment, unit: str) -> str:
     centering = "centered: each gradient minus its mean over its own entries" if treatment.centered else "uncentered"
     rows = (f"the momentum sums v = {treatment.momentum:g} v_prev + g of the per-{unit} gradients" if treatment.momentum
             else f"the per-{unit} gradients")
+    if treatment.unit_rows:
+        rows += ", each scaled to length 1"
     return (f"N95 / N99: the fewest principal components ({centering}, per layer) of {rows} of all {unit}s so far "
             f"that explain 95% / 99% of their variance; at most the number of {unit}s. Small values mean new "
             f"gradients stay in the span of old ones, which LBGM exploits.")
 
 
 def treatment_json(treatment: Treatment) -> dict:
-    return {"momentum": treatment.momentum, "centered": treatment.centered}
+    return {"momentum": treatment.momentum, "centered": treatment.centered, "unit_rows": treatment.unit_rows}
 
 
 def layers_json(layers: tuple[LayerSpectrum, ...]) -> list[dict]:
@@ -60,8 +62,7 @@ def report_json(report: GradientSpaceReport) -> dict:
                      "batch_size": settings.batch_size, "lr": settings.lr, "seed": settings.seed,
                      "max_samples": settings.max_samples, "weight_decay": settings.weight_decay},
         "train_samples": report.train_samples,
-        "centered": settings.treatment.centered,
-        "momentum": settings.treatment.momentum,
+        **treatment_json(settings.treatment),
         "fractions": list(FRACTIONS),
         "epoch_losses": list(report.epoch_losses),
         "test_accuracy": report.test_accuracy,

@@ -25,6 +25,12 @@ Momentum: the authors' script analyses v_e = m v_(e-1) + g_e with m = 0.9
 the rows (V = A G with A[e, i] = m^(e-i); a row's mean is its sum / values),
 so they are applied to the Gram matrix and the row sums, never to the rows.
 
+Unit rows (an option, in neither the paper nor the reference): the gradients
+shrink as training converges, so the first epochs dominate the variance and
+a late gradient outside their span moves N95 little. LBGM's phase error
+ignores length, so `unit_rows=True` scales every row to length 1 first and
+asks whether the directions themselves stay in a low-dimensional span.
+
 Computation: the squared singular values of G are the eigenvalues of the
 e x e Gram matrix G G^T (float64), and the Gram matrix of epochs 1..e is the
 leading block of the one for all epochs, so one pass of inner products
@@ -96,6 +102,7 @@ class Treatment:
 
     momentum: float = 0.0  # analyse v_e = momentum * v_(e-1) + g_e; 0 = the raw gradients
     centered: bool = False  # subtract each row's mean over its own entries (sklearn's PCA of G^T)
+    unit_rows: bool = False  # then scale each row to length 1: every epoch's direction weighs alike
 
 
 @dataclass(frozen=True)
@@ -142,12 +149,17 @@ def treated_gram(gram: torch.Tensor, row_sums: torch.Tensor, num_values: int, tr
 
     Momentum: V = A G, so V V^T = A (G G^T) A^T and V's sums are A s. Centering
     a row r of n values: <r_i - mean_i, r_j - mean_j> = <r_i, r_j> - s_i s_j / n.
+    Unit rows: <r_i / |r_i|, r_j / |r_j|>, a zero row staying zero.
     """
     if treatment.momentum:
         mix = momentum_matrix(len(gram), treatment.momentum)
         gram, row_sums = mix @ gram @ mix.T, mix @ row_sums
     if treatment.centered:
         gram = gram - torch.outer(row_sums, row_sums) / num_values
+    if treatment.unit_rows:
+        lengths = gram.diagonal().clamp(min=0.0).sqrt()
+        lengths = torch.where(lengths > 0, lengths, torch.ones_like(lengths))
+        gram = gram / torch.outer(lengths, lengths)
     return gram
 
 

@@ -91,6 +91,14 @@ def test_centering_removes_a_shared_constant_offset():
     assert counts_per_epoch(rows, 0.99, Treatment(centered=True)) == (0, 1)  # the first row centres to zero
 
 
+def test_unit_rows_count_a_small_new_direction_like_a_large_one():
+    u, v = orthonormal(2)
+    rows = [u, 0.01 * v]  # the second direction holds 0.01% of the variance
+    assert counts_per_epoch(rows, 0.99) == (1, 1)
+    assert counts_per_epoch(rows, 0.95, Treatment(unit_rows=True)) == (1, 2)
+    assert counts_per_epoch([u, 5 * u, torch.zeros_like(u)], 0.99, Treatment(unit_rows=True)) == (1, 1, 1)
+
+
 def test_weight_decay_adds_its_gradient_to_the_recorded_one():
     # lr 0: the model stays put, so each epoch's four minibatch gradients add up to
     # 4 x (the full-data mean gradient + weight_decay x theta).
