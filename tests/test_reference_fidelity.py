@@ -2,9 +2,11 @@
 init = "reference" against their code (shams-sam/FedOptim at 381a63e).
 
 The literal digests below come from running their own src/data/distributor.py:29-123 and
-src/models/cnn.py, verbatim, under their pins torch 1.4.0 and numpy 1.18.5, with
-np.random.seed(seed) and torch.manual_seed(seed) before their loader (src/init_data.py seeds
-neither); the script is in /work/notes/ref-fidelity-report.md.
+src/models/cnn.py, verbatim, under their pins torch 1.4.0 and numpy 1.18.5 (Python 3.8): the
+MNIST training labels through DataLoader(shuffle=True, batch_size=60000) as src/init_data.py:31-38
+does, then get_distributed_data(..., 100, stratify=True, uniform=True, shuffle=True, non_iid=3,
+num_classes=10), with np.random.seed(seed) and torch.manual_seed(seed) first (their script seeds
+neither); CNN(1, 800) right after torch.manual_seed(1).
 """
 
 from __future__ import annotations
