@@ -104,7 +104,9 @@ def panels_figure(layers: Sequence[LayerSpectrum], curves: Sequence[Curves], uni
     plt = pyplot()
     columns = min(4, len(layers))
     rows = math.ceil(len(layers) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.9 * rows), squeeze=False, sharex=True)
+    # At least 10 inches wide and with room below and above, so that the legend and title fit beside one panel.
+    height = 2.9 * rows + 1.2
+    figure, axes = plt.subplots(rows, columns, figsize=(max(3.4 * columns, 10.0), height), squeeze=False, sharex=True)
     for axis, layer, layer_curves in zip(axes.flat, layers, curves):
         steps = list(range(1, max(len(values) for values in layer_curves.values()) + 1))
         # No count exceeds the rows so far nor the layer's values. Drawn above the curves, so that it
@@ -128,10 +130,10 @@ def panels_figure(layers: Sequence[LayerSpectrum], curves: Sequence[Curves], uni
     for axis in axes[:, 0]:
         axis.set_ylabel("components")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    legend_rows = math.ceil(len(labels) / 4)
-    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
-    figure.suptitle(title, x=0.02, ha="left", fontsize=11)
-    figure.tight_layout(rect=(0, 0.1 * legend_rows / rows, 1, 1 - 0.08 / rows))
+    legend_rows = math.ceil(len(labels) / 3)
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    figure.suptitle(title, x=0.02, ha="left", fontsize=10)
+    figure.tight_layout(rect=(0, (0.2 + 0.17 * legend_rows) / height, 1, 1 - 0.4 / height))
     return figure
 
 
