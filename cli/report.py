@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lbgm.cli.options import add_log_level
 from lbgm.report.plots import PLOTS, write_report
+from lbgm.report.published import read_published
 from lbgm.report.runs import archive_runs, load_runs
 
 DEFAULT_TARGET_ACCURACY = 0.9
@@ -51,15 +52,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="also copy each run's records into DIR/<run>/ (metrics.jsonl gzipped, config.toml, "
                              "summary.json, partition.txt; no checkpoints): small enough to commit, and "
                              "`lbgm report DIR` redraws this report from them")
+    report.add_argument("--published", type=Path, metavar="CSV",
+                        help="accuracy figures published elsewhere (e.g. the authors' code), a CSV file with the "
+                             "header series,round,accuracy: drawn as markers on accuracy_vs_rounds.png and tabled "
+                             "beside each run's accuracy at the same round")
     add_log_level(report, default="WARNING")
     report.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     runs = load_runs(args.paths)
+    published = read_published(args.published) if args.published is not None else ()
     if args.archive is not None:
         archive_runs(runs, args.archive)
-    table = write_report(runs, args.out, args.target_accuracy, args.title)
+    table = write_report(runs, args.out, args.target_accuracy, args.title, published)
     print(table, end="")
     print(f"\nwrote {args.out / 'report.md'}, {', '.join(name for name, _ in PLOTS.values())}")
     if args.archive is not None:

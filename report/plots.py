@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lbgm.report.comparison import build_rows, cumulative_bytes, format_table
+from lbgm.report.published import PublishedPoint, published_table
 from lbgm.report.runs import ReportError, Run
 
 # x axis of plot_accuracy -> (file name, label in titles and report.md); a byte axis is cumulative and logarithmic
@@ -24,9 +25,10 @@ def plotted_metric(runs: Sequence[Run]) -> str:
     return "test_accuracy" if has_accuracy else "test_loss"
 
 
-def plot_accuracy(runs: Sequence[Run], x_axis: str, path: Path, title: str, target: float) -> None:
+def plot_accuracy(runs: Sequence[Run], x_axis: str, path: Path, title: str, target: float,
+                  published: Sequence[PublishedPoint] = ()) -> None:
     """Test accuracy (test loss if the runs have no accuracy) per round of every run against x_axis:
-    'uplink' or 'total' (cumulative bytes, log) or 'rounds'."""
+    'uplink' or 'total' (cumulative bytes, log) or 'rounds' (with the published points as markers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,6 +42,11 @@ def plot_accuracy(runs: Sequence[Run], x_axis: str, path: Path, title: str, targ
               else [record["round"] for record in run.records])
         axes.plot(xs, [record[metric] for record in run.records], label=run.name,
                   marker="o" if few_points else None, markersize=3, linewidth=1.5)
+    if metric == "test_accuracy" and x_axis == "rounds":
+        for series in dict.fromkeys(point.series for point in published):
+            shown = [point for point in published if point.series == series]
+            axes.scatter([point.round for point in shown], [point.accuracy for point in shown], marker="x", s=40,
+                         zorder=3, label=f"{series} (published)")
     if metric == "test_accuracy":
         axes.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
     if x_axis != "rounds":
@@ -57,15 +64,20 @@ def plot_accuracy(runs: Sequence[Run], x_axis: str, path: Path, title: str, targ
     plt.close(figure)
 
 
-def write_report(runs: Sequence[Run], out: Path, target: float, title: str) -> str:
-    """Writes the plots (PLOTS) and report.md into `out`; returns the markdown tables."""
+def write_report(runs: Sequence[Run], out: Path, target: float, title: str,
+                 published: Sequence[PublishedPoint] = ()) -> str:
+    """Writes the plots (PLOTS) and report.md into `out`; returns the markdown tables (with the
+    published points beside the runs' accuracy at the same rounds, when given)."""
     if not runs:
         raise ReportError("no runs to report")
     out.mkdir(parents=True, exist_ok=True)
     shown = plotted_metric(runs).replace("test_", "")
     for x_axis, (name, label) in PLOTS.items():
-        plot_accuracy(runs, x_axis, out / name, f"{title}: {shown} vs {label}", target)
+        plot_accuracy(runs, x_axis, out / name, f"{title}: {shown} vs {label}", target, published)
     table = format_table(build_rows(runs, target), target)
+    if published:
+        table += "\nPublished figures and each run's test accuracy at the same round:\n\n" + \
+            published_table(published, runs)
     images = "\n".join(f"![accuracy vs {label}]({name})\n" for name, label in PLOTS.values())
     (out / "report.md").write_text(f"# {title}\n\n{table}\n{images}")
     return table
