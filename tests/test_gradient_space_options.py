@@ -3,7 +3,6 @@ ceiling, and the gradients within an in-process federation (lbgm analyze-gradien
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -22,6 +21,8 @@ from lbgm.sim.gradient_space import (
 )
 from lbgm.tasks.models import build_model
 
+from test_gradient_space import directions, lbgm_parser
+
 torch.set_num_threads(1)
 
 TINY_FEDERATION = """
@@ -36,17 +37,6 @@ local_lr = 0.1
 update_norm_bound = 0.0
 loss_guard_ratio = 0.0
 """
-
-
-def orthonormal(count: int, size: int = 30) -> list[torch.Tensor]:
-    q, _ = torch.linalg.qr(torch.randn(size, count, generator=torch.Generator().manual_seed(11)))
-    return list(q.T)
-
-
-def lbgm_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lbgm")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
 
 
 def test_momentum_matrix_accumulates_v_e_equal_m_v_previous_plus_g_e():
@@ -75,7 +65,7 @@ def test_momentum_folds_a_small_new_direction_into_the_old_one():
     # Rows u, 0.3 v: squared singular values 1 and 0.09, the top one explains 91.7%, so N95 = 2.
     # Momentum 0.9 analyses u and 0.9 u + 0.3 v: Gram [[1, .9], [.9, .9]], eigenvalues 1.8514 and
     # 0.0486, the top one explains 97.4%: N95 = 1, N99 still 2.
-    u, v = orthonormal(2)
+    u, v = directions(2)
     rows = [u, 0.3 * v]
     assert counts_per_epoch(rows, 0.95) == (1, 2)
     assert counts_per_epoch(rows, 0.95, Treatment(momentum=0.9)) == (1, 1)
@@ -83,7 +73,7 @@ def test_momentum_folds_a_small_new_direction_into_the_old_one():
 
 
 def test_centering_removes_a_shared_constant_offset():
-    (u,) = orthonormal(1)
+    (u,) = directions(1)
     w = u - u.mean()  # zero mean over its entries
     ones = torch.ones_like(u)
     rows = [ones, ones + 3 * w]
@@ -92,7 +82,7 @@ def test_centering_removes_a_shared_constant_offset():
 
 
 def test_unit_rows_count_a_small_new_direction_like_a_large_one():
-    u, v = orthonormal(2)
+    u, v = directions(2)
     rows = [u, 0.01 * v]  # the second direction holds 0.01% of the variance
     assert counts_per_epoch(rows, 0.99) == (1, 1)
     assert counts_per_epoch(rows, 0.95, Treatment(unit_rows=True)) == (1, 2)
