@@ -43,6 +43,7 @@ from lbgm.common.tls import ChannelTls, open_channel
 from lbgm.server.registry import check_worker_name
 from lbgm.server.allocator import MAX_MMAP_THRESHOLD, pin_mmap_threshold
 from lbgm.server.limits import CallLimits
+from lbgm.server.mirrors import MIRROR_STORES
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out-dir", type=Path, default=Path("runs"), help="parent folder of run folders (default: runs)")
     add_device_argument(run, "--device", "every worker's local training and LBGM decisions")
     add_device_argument(run, "--server-device", "the server's central evaluation")
+    add_mirrors_argument(run)
     add_log_level(run)
     add_config_arguments(run)
 
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "per worker, at the cost of longer rounds (docs/PERFORMANCE.md, Scale); "
                              "0 keeps glibc's adaptive threshold (default: 0)")
     add_device_argument(server, "--device", "the central evaluation")
+    add_mirrors_argument(server)
     add_server_tls_arguments(server)
     access = server.add_argument_group("access", "who may join, who may read the state digest, and how long a "
                                                  "call may stall (docs/SECURITY.md)")
@@ -168,6 +171,16 @@ def add_device_argument(parser: argparse.ArgumentParser, flag: str, what: str) -
                              "processes may mix in one federation (default: cpu)")
 
 
+def add_mirrors_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mirrors", choices=MIRROR_STORES, default="memory",
+                        help="where the server keeps the workers' look-back gradients: memory (K model copies in "
+                             "RAM once every worker sent each layer in full), or disk (one file per LBG version "
+                             "under <out-dir>/<name>/mirrors/, memory-mapped only while an upload is judged, so "
+                             "RAM holds the open round's uploads instead; checkpoints hard-link these files). Not "
+                             "an experiment setting: results are bit-identical, and a resume may change it "
+                             "(default: memory)")
+
+
 def device_option(name: str, flag: str) -> torch.device:
     """The device a --device flag names; a UsageError if this machine has no such device."""
     try:
@@ -201,7 +214,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         log.warning("--malloc-mmap-threshold ignored: the C library is not glibc")
     try:
         serve(config, args.host, args.port, run_dir, args.port_file, access=access, resume=resume,
-              metrics_host=args.metrics_host or args.host, metrics_port=args.metrics_port, eval_device=eval_device)
+              metrics_host=args.metrics_host or args.host, metrics_port=args.metrics_port, eval_device=eval_device,
+              mirrors=args.mirrors)
     except (CheckpointError, WeightsError) as error:
         raise UsageError(str(error)) from None
     return 0
@@ -279,7 +293,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         except WeightsError as error:
             raise UsageError(str(error)) from None
     return run_federation(config, args.out_dir, args.processes, args.log_level, args.log_format,
-                          server_args=("--device", args.server_device), worker_args=("--device", args.device))
+                          server_args=("--device", args.server_device, "--mirrors", args.mirrors),
+                          worker_args=("--device", args.device))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,27 +20,39 @@ from lbgm.common.faults import crash_point
 from lbgm.common.lookback import LookbackGradient
 
 
-def save_atomic(path: Path, state: object, crash_label: str = "") -> None:
+def save_atomic(path: Path, state: object, crash_label: str = "", durable: bool = True,
+                in_memory: bool = True) -> None:
     """Replace `path` by `state` so that a crash or a full disk leaves the previous file as it was.
 
     The state is serialized in memory first: torch.save streaming into a file on a full disk fails
     with an opaque `enforce fail ... unexpected pos` and no path, while writing bytes gives the OS
-    error (ENOSPC: No space left on device), raised again here with `path`. The temporary file is
-    removed on any failure. `crash_label` names this write's steps for the test hook (see faults).
+    error (ENOSPC: No space left on device), raised again here with `path`. `in_memory=False` streams
+    instead, for states larger than RAM should hold (memory-mapped tensors). The temporary file is
+    removed on any failure. `durable=False` skips the fsync, for files a later step makes durable
+    before anything trusts them. `crash_label` names this write's steps for the test hook (see faults).
     """
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    if in_memory:
+        torch.save(state, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     try:
         with open(temporary, "wb") as handle:
-            handle.write(buffer.getbuffer())
+            if in_memory:
+                handle.write(buffer.getbuffer())
+            else:
+                torch.save(state, handle)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
     except OSError as error:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
         raise OSError(error.errno, error.strerror, str(path)) from None
+    except RuntimeError:  # torch.save streaming into a full disk
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise
     if crash_label:
         crash_point(f"{crash_label}.temp-written")
     os.replace(temporary, path)

@@ -115,13 +115,13 @@ def write_port_file(path: Path, port: int) -> None:
 
 def serve(config: ExperimentConfig, host: str, port: int, run_dir: Path, port_file: Path | None = None,
           finish_grace_seconds: float = 10.0, access: Access = Access(), resume: bool = False,
-          metrics_host: str = "127.0.0.1", metrics_port: int = 0, eval_device: torch.device = torch.device("cpu")
-          ) -> dict:
+          metrics_host: str = "127.0.0.1", metrics_port: int = 0, eval_device: torch.device = torch.device("cpu"),
+          mirrors: str = "memory") -> dict:
     """Run a whole training job as the server (or the rest of it, resuming); returns the run summary.
     A nonzero `metrics_port` serves Prometheus metrics over HTTP until the gRPC server stops; the central
-    evaluation runs on `eval_device`."""
+    evaluation runs on `eval_device`; `mirrors` says where the LBG mirrors live (memory or disk)."""
     check_exposure(host, access)  # before a fresh run clears the run folder
-    coordinator = Coordinator(config, run_dir, resume, eval_device)
+    coordinator = Coordinator(config, run_dir, resume, eval_device, mirrors)
     metrics_server = serve_metrics(coordinator.metrics.registry, metrics_host, metrics_port) if metrics_port else None
     running = start_server(coordinator, host, port, access)
     log.info("aggregator listening on %s:%d, waiting for %d workers; results in %s",

@@ -13,7 +13,10 @@ redone after a crash gives the same (worker, unit, version) another content.
 
 A save writes an LBG file unless the committed manifest already names that
 file with the same digest (a mirror entry is immutable once written, so
-scalar-only rounds cost no LBG I/O). Files go first (temporary name, fsync,
+scalar-only rounds cost no LBG I/O). Mirrors kept on disk (`--mirrors disk`,
+lbgm.server.mirrors.DiskMirrorStore) are hard-linked from their files and
+fsynced instead of written again, and a resume links the checkpoint's files
+back into that store without reading them into RAM. Files go first (temporary name, fsync,
 rename), then the manifest is replaced the same way, then every file the new
 manifest does not name is deleted: those of earlier rounds and any left by a
 checkpoint that crashed or failed before its manifest (loading deletes them
@@ -21,7 +24,8 @@ too). A crash at any moment therefore leaves either the previous complete
 checkpoint or the new one.
 
 On disk a checkpoint is about (K x LBG units + 2) model copies: every
-worker's mirrors, the global model and the server momentum.
+worker's mirrors, the global model and the server momentum (with disk mirrors
+the LBG files share their blocks with the mirror store's files).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from lbgm.experiment.config import FIELDS, ExperimentConfig
 from lbgm.common.lookback import LookbackGradient
 from lbgm.common.faults import crash_point
 from lbgm.common.state_files import content_digest, load, save_atomic
+from lbgm.server.mirrors import LbgFile, MirrorEntry, StoredLbg, link_or_copy, make_durable, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -67,26 +72,12 @@ class ServerState:
     buffers: list[torch.Tensor]
     velocity: list[torch.Tensor] | None
     workers: list[tuple[int, str, int]]  # (id, name, shard) of every registered worker
-    mirrors: dict[int, dict[int, LookbackGradient]]  # worker id -> unit -> LBG
+    mirrors: dict[int, dict[int, MirrorEntry]]  # worker id -> unit -> LBG (its tensors, or its file)
     last_accepted: dict[int, int]  # worker id -> last round whose upload from it was aggregated
     metrics: list[dict[str, Any]]  # the per-round records so far
     totals: dict[str, int]  # uplink / downlink bytes so far
     elapsed_seconds: float
     downlink: dict | None = None  # update mode: the downlink's state (lbgm.common.downlink.state_to_dict)
-
-
-@dataclass(frozen=True)
-class LbgFile:
-    """One mirror entry as the manifest names it."""
-
-    worker_id: int
-    unit: int
-    version: int
-    digest: str  # SHA-256 of the tensors (content_digest)
-
-    @property
-    def name(self) -> str:
-        return f"w{self.worker_id}-u{self.unit}-v{self.version}-{self.digest[:16]}.pt"
 
 
 class CheckpointStore:
@@ -120,7 +111,8 @@ class CheckpointStore:
         self._committed = {}
 
     def save(self, state: ServerState, config: ExperimentConfig) -> int:
-        """Write a checkpoint of `state`; returns the bytes of LBG files written this time.
+        """Write a checkpoint of `state`; returns the bytes of LBG files written this time (files linked
+        from a disk mirror store are not written again: they count 0).
 
         On an OSError (a full disk) the files this attempt wrote are removed and the error, which
         names the file, is raised: the previous checkpoint stays the committed one.
@@ -128,17 +120,21 @@ class CheckpointStore:
         committed = self._committed_files()
         self.lbg_dir.mkdir(parents=True, exist_ok=True)
         crash_point("checkpoint.begin")
-        files = [self._lbg_file(worker_id, unit, lbg)
-                 for worker_id, entries in state.mirrors.items() for unit, lbg in entries.items()]
+        files = [self._lbg_file(worker_id, unit, entry)
+                 for worker_id, entries in state.mirrors.items() for unit, entry in entries.items()]
         written = 0
         try:
             for file in files:
                 if committed.get(file.name) == file.digest:
                     continue
                 crash_point("checkpoint.lbg.begin")
-                tensors = state.mirrors[file.worker_id][file.unit].tensors
-                save_atomic(self.lbg_dir / file.name, list(tensors), crash_label="checkpoint.lbg")
-                written += sum(t.numel() * t.element_size() for t in tensors)
+                entry = state.mirrors[file.worker_id][file.unit]
+                if isinstance(entry, StoredLbg):
+                    link_or_copy(entry.path, self.lbg_dir / file.name)
+                    make_durable(self.lbg_dir / file.name)
+                else:
+                    save_atomic(self.lbg_dir / file.name, list(entry.tensors), crash_label="checkpoint.lbg")
+                    written += tensor_bytes(entry.tensors)
             manifest = {
                 "format": FORMAT_VERSION,
                 "config": dataclasses.asdict(config),
@@ -162,10 +158,11 @@ class CheckpointStore:
         self._delete_orphans()
         return written
 
-    def load(self, config: ExperimentConfig) -> ServerState:
+    def load(self, config: ExperimentConfig, tensors: bool = True) -> ServerState:
         """The last committed checkpoint, checked against the experiment about to resume; every LBG
         file is checked against the digest the manifest recorded for it. Files the manifest does not
-        name (left by a save that crashed after its commit or before it) are deleted."""
+        name (left by a save that crashed after its commit or before it) are deleted. Without
+        `tensors` the mirrors come as their files (StoredLbg), read memory-mapped for the check only."""
         if not self.exists():
             raise CheckpointError(f"no checkpoint to resume from: {self.manifest_path} does not exist")
         try:
@@ -182,9 +179,13 @@ class CheckpointStore:
         files = [LbgFile(*fields) for fields in manifest["lbg_files"]]
         mirrors: dict[int, dict[int, LookbackGradient]] = {}
         for file in files:
-            lbg = LookbackGradient(self._verified_tensors(file), file.version)
-            mirrors.setdefault(file.worker_id, {})[file.unit] = lbg
-            self._digests[file.worker_id, file.unit] = (lbg, file.digest)
+            verified = self._verified_tensors(file, mmap=not tensors)
+            if tensors:
+                entry = LookbackGradient(verified, file.version)
+                self._digests[file.worker_id, file.unit] = (entry, file.digest)
+            else:
+                entry = StoredLbg(file, self.lbg_dir / file.name, tensor_bytes(verified))
+            mirrors.setdefault(file.worker_id, {})[file.unit] = entry
         self._committed = {file.name: file.digest for file in files}
         self._delete_orphans()
         return ServerState(
@@ -201,10 +202,10 @@ class CheckpointStore:
             downlink=manifest.get("downlink"),
         )
 
-    def _verified_tensors(self, file: LbgFile) -> tuple[torch.Tensor, ...]:
+    def _verified_tensors(self, file: LbgFile, mmap: bool = False) -> tuple[torch.Tensor, ...]:
         path = self.lbg_dir / file.name
         try:
-            tensors = tuple(load(path))
+            tensors = tuple(torch.load(path, mmap=True, weights_only=True) if mmap else load(path))
             digest = content_digest(tensors)
         except Exception as error:  # noqa: BLE001
             raise CheckpointError(f"checkpoint is missing or cannot read LBG file {path}: {error}") from None
@@ -213,7 +214,9 @@ class CheckpointStore:
                                   f"recorded {file.digest}")
         return tensors
 
-    def _lbg_file(self, worker_id: int, unit: int, lbg: LookbackGradient) -> LbgFile:
+    def _lbg_file(self, worker_id: int, unit: int, lbg: MirrorEntry) -> LbgFile:
+        if isinstance(lbg, StoredLbg):  # hashed when its file was written
+            return lbg.file
         cached = self._digests.get((worker_id, unit))
         if cached is None or cached[0] is not lbg:
             cached = (lbg, content_digest(lbg.tensors))

@@ -49,7 +49,7 @@ from lbgm.server.evaluation import FederatedEvaluation, WorkerEvaluation, aggreg
 from lbgm.server.job import load_server_job
 from lbgm.server.sampling import sample_workers
 from lbgm.server.metrics import ServerMetrics
-from lbgm.server.mirrors import MirrorStore
+from lbgm.server.mirrors import mirror_store
 from lbgm.server.registry import Registry, WorkerRecord
 from lbgm.server.updates import AcceptedUpdate, UpdateRejected, UploadRules, judge_update
 from lbgm.v1 import lbgm_pb2 as pb
@@ -125,18 +125,18 @@ def upload_rules(config: ExperimentConfig, tensors: Sequence[TensorSpec]) -> Upl
 
 class Coordinator:
     def __init__(self, config: ExperimentConfig, run_dir: Path, resume: bool = False,
-                 eval_device: torch.device = torch.device("cpu")) -> None:
+                 eval_device: torch.device = torch.device("cpu"), mirrors: str = "memory") -> None:
         """A fresh run in `run_dir`, or (resume) the run continued from its last checkpoint there.
         The job (the task's model and data, or a weights file: lbgm.server.job) is loaded before
         anything in run_dir changes. `eval_device` runs the central evaluation; the global model and
-        the mirrors stay on the CPU."""
+        the mirrors stay on the CPU, the mirrors in RAM or on disk (`mirrors`: lbgm.server.mirrors)."""
         self.config = config
         self.job = load_server_job(config, eval_device)
         self._eval_period = config.federated_eval_period(self.job.evaluate is not None)
         self.checkpoints = CheckpointStore.of_run(run_dir)
         if not resume:
             self.checkpoints.clear()
-        restored = self.checkpoints.load(config) if resume else None
+        restored = self.checkpoints.load(config, tensors=mirrors == "memory") if resume else None
         self.params, self.buffers = self.job.initial.params, self.job.initial.buffers
         self.model_tensors = self.job.initial.tensors
         self.layer_shapes = [spec.shape for spec in self.job.initial.parameter_specs]
@@ -146,7 +146,7 @@ class Coordinator:
         self.velocity: list[torch.Tensor] | None = None
         self.rules = upload_rules(config, self.model_tensors)
         self.registry = Registry(config.workers)
-        self.mirrors = MirrorStore()
+        self.mirrors = mirror_store(mirrors, run_dir)
         self.recorder = RunRecorder(run_dir, restored.metrics if restored else None)
         self.metrics = ServerMetrics(self.status, self.mirrors.nbytes, config.round_timeout)
         self._present: set[int] = set()  # workers that joined this server process (sampling draws from these)
@@ -175,7 +175,7 @@ class Coordinator:
         self.params, self.buffers, self.velocity = state.params, state.buffers, state.velocity
         self.registry.restore(state.workers)
         for worker_id, entries in state.mirrors.items():
-            self.mirrors.replace(worker_id, entries)
+            self.mirrors.restore(worker_id, entries)
         self._completed = self._checkpointed = state.completed_rounds
         self._last_accepted = dict(state.last_accepted)
         self._totals = dict(state.totals)
@@ -202,7 +202,7 @@ class Coordinator:
         state = ServerState(
             completed_rounds=self._completed, params=self.params, buffers=self.buffers, velocity=self.velocity,
             workers=self.registry.slots(),
-            mirrors={w: self.mirrors.of_worker(w) for w in self.registry.ids()},
+            mirrors={w: self.mirrors.for_checkpoint(w) for w in self.registry.ids()},
             last_accepted=last_accepted, metrics=self.recorder.records, totals=dict(self._totals),
             elapsed_seconds=time.monotonic() - self._started,
             downlink=self.downlink.to_dict() if self.downlink else None,
@@ -452,8 +452,8 @@ class Coordinator:
         run_dir = self.recorder.run_dir
         save_atomic(run_dir / "final_model.pt", {"params": self.params, "buffers": self.buffers})
         names = {worker_id: self.registry.name_of(worker_id) for worker_id in self.registry.ids()}
-        save_atomic(run_dir / "mirrors.pt",
-                    {names[w]: lbgs_to_state(self.mirrors.of_worker(w)) for w in names})
+        save_atomic(run_dir / "mirrors.pt", {names[w]: lbgs_to_state(self.mirrors.of_worker(w)) for w in names},
+                    in_memory=self.mirrors.in_ram)  # disk mirrors stream from their mappings
 
     def wait_until_workers_told(self, timeout: float, everyone: bool = False) -> None:
         """After the last round, give the workers of this process (or every registered one) at most
