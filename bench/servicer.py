@@ -22,8 +22,10 @@ from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
 from bench.common import wait_for_stop
+from bench.sink import HOST, SINK_METHOD, sink_handler
 
-HOST = "127.0.0.1"
+__all__ = ["HOST", "SINK_METHOD", "BenchAggregator", "serve"]  # HOST and SINK_METHOD: bench.sink
+
 BENCH_UPLOAD_LIMITS = UploadLimits(layers=1, buffers=0)  # the benchmark's model: one layer, no buffers
 
 
@@ -43,19 +45,6 @@ class BenchAggregator(pb_grpc.AggregatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return pb.UpdateAck(round=update.header.round, full_units=len(update.full),
                             scalar_units=len(update.scalars))
-
-
-SINK_METHOD = "/lbgm.bench.Sink/Drain"
-
-
-def drain(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-    """gRPC's own floor: the stream's bytes are received and dropped, nothing is deserialized."""
-    return sum(len(message) for message in request_iterator).to_bytes(8, "little")
-
-
-def sink_handler() -> grpc.GenericRpcHandler:
-    service, method = SINK_METHOD.strip("/").split("/")
-    return grpc.method_handlers_generic_handler(service, {method: grpc.stream_unary_rpc_method_handler(drain)})
 
 
 def serve(connection: Connection, max_tensor_bytes: int) -> None:

@@ -145,11 +145,14 @@ def tensor_from_bytes(data: bytes | bytearray, meta: pb.TensorMeta) -> torch.Ten
                          f"needs {expected} bytes, {len(data)} arrived")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
-    buffer = data if isinstance(data, bytearray) else bytearray(data)
-    flat = torch.frombuffer(buffer, dtype=torch.uint8)
+    return _typed(torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8), meta)
+
+
+def _typed(flat: torch.Tensor, meta: pb.TensorMeta) -> torch.Tensor:
+    """A flat uint8 tensor of exactly meta.nbytes wire bytes as the tensor `meta` describes, without a copy."""
     if sys.byteorder == "big":  # pragma: no cover - LE hosts
         flat = flat.view(-1, element_size(meta.dtype)).flip(1).reshape(-1)
-    return flat.view(dtype).reshape(shape)
+    return flat.view(torch_dtype(meta.dtype)).reshape(tuple(meta.shape))
 
 
 def split_chunks(data: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> list[bytes | memoryview]:
@@ -176,14 +179,17 @@ class PayloadAssembler:
             raise CodecError(f"payload announces {self.nbytes} bytes, limit is {max_bytes}")
         for meta in self.metas:  # every meta agrees with its dtype and shape before a byte is buffered
             announced_nbytes(meta, max_bytes)
-        self._buffer = bytearray(self.nbytes)  # allocated once: each chunk is then a single copy
+        # Allocated once and left unwritten (bytearray(n) would write n zeros first, as long as the copies
+        # themselves take): each chunk is then a single copy, and every byte is written before it is read.
+        self._buffer = torch.empty(self.nbytes, dtype=torch.uint8)
+        self._view = memoryview(self._buffer.numpy())
         self._received = 0
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes | memoryview) -> None:
         end = self._received + len(data)
         if end > self.nbytes:
             raise CodecError(f"payload announced {self.nbytes} bytes but more arrived ({end} so far)")
-        self._buffer[self._received:end] = data
+        self._view[self._received:end] = data
         self._received = end
 
     @property
@@ -193,10 +199,10 @@ class PayloadAssembler:
     def tensors(self) -> list[torch.Tensor]:
         if not self.complete:
             raise CodecError(f"payload announced {self.nbytes} bytes, {self._received} arrived")
-        if len(self.metas) == 1:  # the common case: no slicing copy
-            return [tensor_from_bytes(self._buffer, self.metas[0])]
+        if len(self.metas) == 1:  # the common case: the tensor is the buffer itself
+            return [_typed(self._buffer, self.metas[0])]
         out, start = [], 0
-        for meta in self.metas:
-            out.append(tensor_from_bytes(self._buffer[start:start + meta.nbytes], meta))
+        for meta in self.metas:  # each copied out: a tensor must start at a multiple of its element size
+            out.append(_typed(self._buffer[start:start + meta.nbytes].clone(), meta))
             start += meta.nbytes
         return out

@@ -8,6 +8,12 @@ model and the mirrors is judged by lbgm.server.updates.
 Byte counts are the serialized size of each stream message plus gRPC's
 5-byte length prefix: the application bytes on the wire (HTTP/2 frame
 headers and TLS records are not included).
+
+The server reads uploads from the raw bytes of each message (the CallGuard
+hands SubmitUpdate its messages undeserialized): a chunk part, nearly all of
+an upload, is recognised by its bytes and its payload copied once, straight
+into the tensor's buffer (`chunk_payload`); any other part is parsed as a
+message. Tests and tools may pass parsed UpdatePart messages instead.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from lbgm.common.codec import (
     CodecError, PayloadAssembler, enum_name, payload_view, split_chunks, tensor_meta, tensor_to_bytes,
@@ -203,7 +210,7 @@ class _PayloadReader:
             raise MalformedStream(str(error)) from error
         self._pending = (head, assembler, done)
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes | memoryview) -> None:
         if self._pending is None:
             raise MalformedStream("unexpected chunk: no payload was announced")
         if not data:  # every chunk moves its payload on, so chunks are bounded by the announced bytes
@@ -315,6 +322,35 @@ def encode_chunk_part(data: memoryview) -> bytes:
     return b"".join([_CHUNK_KEY, _varint(inner_bytes), *inner])
 
 
+def _read_varint(data: bytes, position: int) -> tuple[int, int] | None:
+    """(value, position after it) of the minimally encoded varint at `position`; None for anything else
+    (a truncated, padded or overlong one)."""
+    value = shift = 0
+    for index in range(position, min(len(data), position + 10)):
+        byte = data[index]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return (value, index + 1) if byte or index == position else None
+        shift += 7
+    return None
+
+
+def chunk_payload(message: bytes) -> memoryview | None:
+    """The data of a serialized UpdatePart holding only a TensorChunk, as a view into `message`, when
+    it is encoded as protobuf encodes it (encode_chunk_part's form: each field once, minimal lengths),
+    so that its size is its ByteSize; None for any other message, which is then parsed as one."""
+    if not message.startswith(_CHUNK_KEY):
+        return None
+    outer = _read_varint(message, len(_CHUNK_KEY))
+    if outer is None or outer[1] + outer[0] != len(message) \
+            or not message.startswith(_CHUNK_DATA_KEY, outer[1]):
+        return None
+    inner = _read_varint(message, outer[1] + len(_CHUNK_DATA_KEY))
+    if inner is None or inner[1] + inner[0] != len(message):
+        return None
+    return memoryview(message)[inner[1]:]
+
+
 SUBMIT_UPDATE_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Aggregator'].full_name}/SubmitUpdate"
 
 
@@ -340,14 +376,33 @@ class ReceivedUpdate:
         return sum(self.bytes_by_kind.values())
 
 
-def read_update_header(stream: Iterator[pb.UpdatePart]) -> ReceivedUpdate:
+UploadMessage = pb.UpdatePart | bytes  # a parsed part, or one message's bytes as gRPC received them
+
+
+def _upload_parts(stream: Iterator[UploadMessage]) -> Iterator[tuple[str, pb.UpdatePart | bytes | memoryview, int]]:
+    """Each part as (kind, the part or, for a chunk, its data, its bytes on the wire). Draws one message
+    per part, so the header can be read before the rest of the stream."""
+    for message in stream:
+        if isinstance(message, bytes):
+            data = chunk_payload(message)
+            if data is not None:
+                yield "chunk", data, len(message) + GRPC_FRAME_BYTES
+                continue
+            try:
+                message = pb.UpdatePart.FromString(message)
+            except DecodeError as error:
+                raise MalformedStream(f"an update part is not a valid UpdatePart message: {error}") from None
+        kind = message.WhichOneof("part")
+        yield kind, message.chunk.data if kind == "chunk" else message, wire_size(message)
+
+
+def read_update_header(stream: Iterator[UploadMessage]) -> ReceivedUpdate:
     """The first part must be the header: the server authenticates before reading on."""
-    first = next(stream, None)
-    if first is None or first.WhichOneof("part") != "header":
-        found = "nothing" if first is None else first.WhichOneof("part")
-        raise MalformedStream(f"an update must start with its header, got {found}")
+    kind, first, size = next(_upload_parts(stream), (None, None, 0))
+    if kind != "header":
+        raise MalformedStream(f"an update must start with its header, got {kind or 'nothing'}")
     update = ReceivedUpdate(header=first.header)
-    update.bytes_by_kind["header"] += wire_size(first)
+    update.bytes_by_kind["header"] += size
     return update
 
 
@@ -362,7 +417,7 @@ class UploadLimits:
     buffers: int
 
 
-def read_update_body(update: ReceivedUpdate, stream: Iterator[pb.UpdatePart], max_tensor_bytes: int,
+def read_update_body(update: ReceivedUpdate, stream: Iterator[UploadMessage], max_tensor_bytes: int,
                      max_update_bytes: int | None = None, limits: UploadLimits | None = None) -> ReceivedUpdate:
     """Reads full layers, the scalar part and buffers after the header into `update`.
 
@@ -411,8 +466,7 @@ def read_update_body(update: ReceivedUpdate, stream: Iterator[pb.UpdatePart], ma
             raise MalformedStream(f"buffer {head.index} sent twice")
         buffers_seen.add(head.index)
 
-    for part in stream:
-        kind = part.WhichOneof("part")
+    for kind, part, size in _upload_parts(stream):
         if kind == "full":
             current_kind = "full"
             check_full(part.full)
@@ -424,14 +478,14 @@ def read_update_body(update: ReceivedUpdate, stream: Iterator[pb.UpdatePart], ma
             announce([part.buffer.meta])
             reader.start(part.buffer, [part.buffer.meta], part.buffer.data, add_buffer)
         elif kind == "chunk":  # continues the payload being read, and counts as its kind
-            reader.add(part.chunk.data)
+            reader.add(part)
         elif kind == "scalars" and not update.scalars:
             reader.finish()
             current_kind = "scalar"
             update.scalars = _scalar_entries(part.scalars)
         else:
             raise MalformedStream(f"unexpected {kind} part in an update stream")
-        update.bytes_by_kind[current_kind] = update.bytes_by_kind.get(current_kind, 0) + wire_size(part)
+        update.bytes_by_kind[current_kind] = update.bytes_by_kind.get(current_kind, 0) + size
     reader.finish()
     return update
 

@@ -22,7 +22,7 @@ from lbgm.server.callguard import CallGuard
 from lbgm.server.limits import CallLimits
 from lbgm.server.metrics import serve_metrics
 from lbgm.server.rounds import Coordinator
-from lbgm.server.service import SERVICE_NAME, WORKER_METHODS, AggregatorService
+from lbgm.server.service import RAW_REQUEST_METHODS, SERVICE_NAME, WORKER_METHODS, AggregatorService
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def start_server(coordinator: Coordinator, host: str, port: int, access: Access 
     tls = access.tls
     service = AggregatorService(coordinator, check_peer_names=tls is not None and tls.mutual,
                                 join_token=access.join_token, operator_token=access.operator_token)
-    guard = CallGuard(access.limits, WORKER_METHODS, service.admit)
+    guard = CallGuard(access.limits, WORKER_METHODS, service.admit, RAW_REQUEST_METHODS)
     # A worker runs at most one poll, one upload and one evaluation report at a time (AggregatorService.admit);
     # a few more threads end refused calls and the calls a newer one of the same worker is cancelling. Every
     # other call runs on the guard's own pool.

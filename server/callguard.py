@@ -6,7 +6,9 @@ thread for good. The guard therefore turns every handler into its streaming-requ
 form (the same bytes on the wire) and reads each message, the first included, under a
 stage deadline; each message the server streams back must be taken within one too.
 A call whose stage outlives `CallLimits.stall_seconds` is cancelled (the client sees
-CANCELLED) and logged.
+CANCELLED) and logged. Methods named in `raw_requests` get each request message's bytes
+as gRPC received them, undeserialized (SubmitUpdate: lbgm.common.wire reads an upload's
+chunks straight from those bytes instead of copying each through a parsed message).
 
 Calls fall into two classes:
 
@@ -44,10 +46,12 @@ def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 
 
 class CallGuard(grpc.ServerInterceptor):
-    def __init__(self, limits: CallLimits, worker_methods: frozenset[str], admit: Admit) -> None:
+    def __init__(self, limits: CallLimits, worker_methods: frozenset[str], admit: Admit,
+                 raw_requests: frozenset[str] = frozenset()) -> None:
         self.limits = limits
         self.worker_methods = worker_methods
         self.admit = admit
+        self.raw_requests = raw_requests
         self.watchdog = Watchdog()
         self._control_slots = threading.BoundedSemaphore(limits.control_calls)
         self.control_pool = ThreadPoolExecutor(limits.control_calls, thread_name_prefix="control")
@@ -136,5 +140,5 @@ class CallGuard(grpc.ServerInterceptor):
             behavior.experimental_thread_pool = pool
         make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else \
             grpc.stream_unary_rpc_method_handler
-        return make(behavior, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        deserializer = None if method in self.raw_requests else handler.request_deserializer
+        return make(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from lbgm.common.wire import (
-    MalformedStream, UploadLimits, read_update_body, read_update_header, wire_size,
+    MalformedStream, UploadLimits, UploadMessage, read_update_body, read_update_header, wire_size,
 )
 from lbgm.common.grpc_options import (
     ERROR_DETAIL_KEY, JOIN_TOKEN_KEY, OPERATOR_TOKEN_KEY, PROTOCOL, WORKER_ID_KEY, WORKER_TOKEN_KEY,
@@ -33,6 +33,9 @@ GET_TASK, SUBMIT_UPDATE = f"/{SERVICE_NAME}/GetTask", f"/{SERVICE_NAME}/SubmitUp
 SUBMIT_EVALUATION = f"/{SERVICE_NAME}/SubmitEvaluation"
 # The calls that act as a worker (lbgm.server.callguard)
 WORKER_METHODS = frozenset({GET_TASK, SUBMIT_UPDATE, SUBMIT_EVALUATION})
+# The calls whose messages the guard passes on as bytes: lbgm.common.wire reads an upload's chunks from them
+# without copying each into a parsed message first (SubmitUpdate also takes parsed UpdateParts).
+RAW_REQUEST_METHODS = frozenset({SUBMIT_UPDATE})
 
 STATUS_OF_REASON = {
     pb.ErrorDetail.STALE_LBG: grpc.StatusCode.FAILED_PRECONDITION,
@@ -195,7 +198,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             self.coordinator.count_downlink(record.worker_id, kind, size, equivalent)
             yield part
 
-    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdatePart], context: grpc.ServicerContext) -> pb.UpdateAck:
+    def SubmitUpdate(self, request_iterator: Iterator[UploadMessage], context: grpc.ServicerContext) -> pb.UpdateAck:
         record = self._caller(context)
         stream = iter(request_iterator)
         try:
