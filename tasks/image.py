@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 import torch
@@ -16,28 +16,62 @@ from torch import nn
 from torch.nn import functional as F
 
 from lbgm.task import Evaluation, Examples, Shard, Task, TaskOptions
-from lbgm.tasks.datasets import DATASETS, INFO, ImageDataset, load_dataset
+from lbgm.tasks.datasets import DATASETS, INFO, load_dataset, normalised, read_split
 from lbgm.tasks.models import INITS, MODELS, initialised
 from lbgm.tasks.partition import PARTITIONS, class_summary, format_class_summary, partition
 
 log = logging.getLogger(__name__)
-_loading = threading.Lock()  # virtual workers starting together load the data once
+HOLD_SECONDS = 10.0  # how long a split read for one shard stays in memory for the next
 
 
-@functools.lru_cache(maxsize=4)
-def _training_set(name: str, data_dir: Path | None) -> ImageDataset:
-    return load_dataset(name, "train", data_dir)
+class RecentSplits:
+    """Splits as stored (uint8, a quarter of their normalised size), each dropped `hold_seconds` after its
+    last use. The virtual workers of a process starting together (and the server building every shard)
+    read the files once, yet a worker process keeps only its own shards once they are loaded: its memory
+    does not grow with the data set."""
+
+    def __init__(self, hold_seconds: float) -> None:
+        self.hold_seconds = hold_seconds
+        self._held: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._expiry: dict[Hashable, threading.Timer] = {}
+        self._lock = threading.Lock()  # virtual workers starting together read a split once
+
+    def get(self, key: Hashable, read: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            split = self._held.get(key)
+            if split is None:
+                split = self._held[key] = read()
+            if key in self._expiry:
+                self._expiry[key].cancel()
+            timer = self._expiry[key] = threading.Timer(self.hold_seconds, self._drop, (key,))
+            timer.daemon = True
+            timer.start()
+            return split
+
+    def held(self) -> list[Hashable]:
+        with self._lock:
+            return list(self._held)
+
+    def _drop(self, key: Hashable) -> None:
+        with self._lock:
+            self._held.pop(key, None)
+            self._expiry.pop(key, None)
 
 
-@functools.lru_cache(maxsize=4)
-def _test_set(name: str, data_dir: Path | None) -> ImageDataset:
-    return load_dataset(name, "test", data_dir)
+_recent = RecentSplits(HOLD_SECONDS)
+
+
+def _split(name: str, split: str, data_dir: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images, labels) of a split, read at most once while virtual workers load their shards."""
+    return _recent.get((name, split, data_dir), lambda: read_split(name, split, data_dir))
 
 
 @functools.lru_cache(maxsize=4)
 def _shards(name: str, data_dir: Path | None, count: int, scheme: str, seed: int, k: int,
             alpha: float) -> tuple[torch.Tensor, ...]:
-    labels = _training_set(name, data_dir).labels
+    """Every shard's row indices: from the labels alone, kept (8 bytes a training image)."""
+    _, labels = _split(name, "train", data_dir)
     return tuple(partition(labels, count, scheme, seed, classes_per_worker=k, alpha=alpha))
 
 
@@ -82,16 +116,16 @@ def classification(options: TaskOptions) -> Task:
     factory = MODELS[options.model]
 
     def train_data(shard: Shard) -> Examples:
+        """The shard's rows of the training set, normalised: only those (the split as stored is dropped
+        HOLD_SECONDS after the last shard taken from it)."""
         if shard.index >= shard.count:
             raise ValueError(f"shard {shard.index} does not exist; the experiment has {shard.count}")
-        with _loading:
-            dataset = _training_set(options.dataset, shard.data_dir)
-            shards = _shards(options.dataset, shard.data_dir, shard.count, options.partition, shard.seed,
-                             options.classes_per_worker, options.dirichlet_alpha)
-        indices = shards[shard.index]
+        images, labels = _split(options.dataset, "train", shard.data_dir)
+        indices = _shards(options.dataset, shard.data_dir, shard.count, options.partition, shard.seed,
+                          options.classes_per_worker, options.dirichlet_alpha)[shard.index]
         log.debug("shard %d: %d samples, per class %s", shard.index, len(indices),
-                  class_summary(dataset.labels, [indices], dataset.num_classes)[0])
-        return Examples(dataset.images[indices], dataset.labels[indices])
+                  class_summary(labels, [indices], info.num_classes)[0])
+        return Examples(normalised(options.dataset, images[indices]), labels[indices])
 
     def test_data(data_dir: Path | None) -> Examples:
         dataset = load_dataset(options.dataset, "test", data_dir)
@@ -100,10 +134,10 @@ def classification(options: TaskOptions) -> Task:
     def validation_data(shard: Shard) -> Examples:
         """A worker's held-out data for federated evaluation: every count-th test image from its index,
         so the shards' sets together are the test set, and their sample-weighted average accuracy
-        over all workers is the test accuracy."""
-        with _loading:
-            dataset = _test_set(options.dataset, shard.data_dir)
-        return Examples(dataset.images[shard.index::shard.count], dataset.labels[shard.index::shard.count])
+        over all workers is the test accuracy. Only those images are normalised and kept."""
+        images, labels = _split(options.dataset, "test", shard.data_dir)
+        rows = slice(shard.index, None, shard.count)
+        return Examples(normalised(options.dataset, images[rows]), labels[rows].clone())
 
     def describe_shards(shards: Sequence[Examples]) -> str:
         """Every worker's classes (as partition.txt always showed them)."""
