@@ -37,15 +37,21 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import ExitStack, contextmanager
 from multiprocessing.connection import Connection
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import grpc
 import torch
+
+import bench
+import lbgm.common
+import lbgm.server
 
 from lbgm.common.grpc_options import CHANNEL_OPTIONS, SERVER_OPTIONS
 from lbgm.common.model_spec import TensorSpec
@@ -66,15 +72,61 @@ BYTES_PER_FLOAT = 4
 ROUND_TIMEOUT_SECONDS = 600.0
 OPEN_ROUND_SECONDS = 600.0  # the parent's wait for the next round (aggregating K x 10M values takes a while)
 POLL_SECONDS = 0.02
+STACKS_FILE = "stacks.json"
+PROJECT_ROOTS = tuple(str(Path(module.__file__).parent) for module in (lbgm.common, lbgm.server, bench))
 
 
 # ------------------------------------------------------------------ the server process
 
 
-def serve_ingest(connection: Connection, floats: int, workers: int, rounds: int, folder: str) -> None:
+class StackSampler:
+    """Where the server's threads are, every `interval` seconds (py-spy is not installed here): counts of
+    each thread's innermost frame and of its innermost frame in the project's code, over the whole run."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.innermost: Counter[str] = Counter()
+        self.project: Counter[str] = Counter()
+        self.samples = 0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _where(frame: FrameType) -> str:
+        return f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
+
+    def _run(self) -> None:
+        own = threading.get_ident()
+        while not self._stopped.wait(self.interval):
+            self.samples += 1
+            for ident, frame in sys._current_frames().items():
+                if ident == own:
+                    continue
+                self.innermost[self._where(frame)] += 1
+                while frame is not None and not any(root in frame.f_code.co_filename for root in PROJECT_ROOTS):
+                    frame = frame.f_back
+                self.project[self._where(frame) if frame is not None else "(no project frame)"] += 1
+
+    def report(self, top: int = 25) -> dict[str, Any]:
+        self._stopped.set()
+        self._thread.join()
+        return {"samples": self.samples, "interval_seconds": self.interval,
+                "innermost": self.innermost.most_common(top), "innermost_project": self.project.most_common(top)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serve_ingest(connection: Connection, floats: int, workers: int, rounds: int, folder: str,
+                 sample_seconds: float) -> None:
     """Child-process entry point (bench.common.child_server): the real server for a one-layer model of
     `floats` values with `workers` joined, and the sink beside it; sends their ports and the workers'
-    credentials, then serves until STOP."""
+    credentials, then serves until STOP; with sample_seconds > 0, writes what the stack sampler saw to
+    STACKS_FILE in `folder`."""
     torch.set_num_threads(1)
     weights = Path(folder) / "model.safetensors"
     write_weights(weights, ModelState((TensorSpec("layer", (floats,), "float32", False),), [torch.zeros(floats)], []))
@@ -89,9 +141,12 @@ def serve_ingest(connection: Connection, floats: int, workers: int, rounds: int,
     sink_port = sink.add_insecure_port(f"{HOST}:0")
     sink.start()
     threading.Thread(target=coordinator.run, name="round-driver", daemon=True).start()
-    connection.send({"port": running.port, "sink_port": sink_port,
+    sampler = StackSampler(sample_seconds) if sample_seconds > 0 else None
+    connection.send({"port": running.port, "sink_port": sink_port, "pid": os.getpid(),
                      "workers": [(record.worker_id, record.token.hex()) for record in joined]})
     wait_for_stop(connection)
+    if sampler is not None:
+        (Path(folder) / STACKS_FILE).write_text(json.dumps(sampler.report()))
     sink.stop(grace=0)
     running.stop(grace=0)
 
@@ -171,26 +226,34 @@ def wait_for_round(stub: pb_grpc.AggregatorStub, number: int) -> pb.StatusReply:
 # ------------------------------------------------------------------ benchmark
 
 
-def measure_point(floats: int, workers: int, repeats: int, folder: Path, payload: Path, sizes: list[int]
-                  ) -> dict[str, Any]:
-    """Ingest and floor for one (N, K), `repeats` times each, interleaved."""
+def measure_point(floats: int, workers: int, repeats: int, folder: Path, payload: Path, sizes: list[int],
+                  sample_seconds: float) -> dict[str, Any]:
+    """Ingest and floor for one (N, K), `repeats` times each, interleaved; with each, the server process's
+    CPU seconds."""
     payload_bytes = floats * BYTES_PER_FLOAT * workers
     upload_wire_bytes = sum(size + GRPC_FRAME_BYTES for size in sizes)
     seconds: dict[str, list[float]] = {"ingest": [], "floor": []}
+    server_cpu: dict[str, list[float]] = {"ingest": [], "floor": []}
     uplink: list[int] = []
     with ExitStack() as stack:
-        server = stack.enter_context(child_server(serve_ingest, floats, workers, repeats, str(folder)))
+        server = stack.enter_context(child_server(serve_ingest, floats, workers, repeats, str(folder), sample_seconds))
         channel = stack.enter_context(grpc.insecure_channel(f"{HOST}:{server['port']}", options=CHANNEL_OPTIONS))
         stub = pb_grpc.AggregatorStub(channel)
         running = stack.enter_context(clients(server, payload))
+
+        def timed_run(path: str, command: str, number: int) -> None:
+            cpu = cpu_seconds(server["pid"])
+            seconds[path].append(running.run(command, number))
+            server_cpu[path].append(cpu_seconds(server["pid"]) - cpu)
+
         before = wait_for_round(stub, 1).uplink_bytes
         for number in range(1, repeats + 1):
-            seconds["ingest"].append(running.run("upload", number))
+            timed_run("ingest", "upload", number)
             # The floor once the round is aggregated and the next one open: the server is idle again.
             after = wait_for_round(stub, number + 1).uplink_bytes
             uplink.append(after - before)
             before = after
-            seconds["floor"].append(running.run("drain", number))
+            timed_run("floor", "drain", number)
     if any(count != workers * upload_wire_bytes for count in uplink):
         raise RuntimeError(f"the server counted {uplink} uplink bytes per round, expected "
                            f"{workers} x {upload_wire_bytes}")
@@ -201,12 +264,18 @@ def measure_point(floats: int, workers: int, repeats: int, folder: Path, payload
     for path, timings in seconds.items():
         result[f"{path}_seconds"] = timings
         result[f"{path}_mb_per_s"] = median([megabytes / elapsed for elapsed in timings])
+        # The server process's CPU time while the K streams ran, per GB of payload (the clients' is not in it).
+        result[f"{path}_server_cpu_seconds"] = server_cpu[path]
+        result[f"{path}_server_cpu_s_per_gb"] = median(server_cpu[path]) / (payload_bytes / 1e9)
+    if sample_seconds > 0:
+        result["server_stacks"] = json.loads((folder / STACKS_FILE).read_text())
     result["ratio"] = result["ingest_mb_per_s"] / result["floor_mb_per_s"]
     result["meets_target"] = result["ratio"] >= TARGET_RATIO
     return result
 
 
-def measure(sizes: Sequence[int], workers: Sequence[int], repeats: int) -> list[dict[str, Any]]:
+def measure(sizes: Sequence[int], workers: Sequence[int], repeats: int, sample_seconds: float
+            ) -> list[dict[str, Any]]:
     results = []
     for floats in sizes:
         with tempfile.TemporaryDirectory(prefix="lbgm-ingest-") as temporary:
@@ -215,7 +284,8 @@ def measure(sizes: Sequence[int], workers: Sequence[int], repeats: int) -> list[
             for count in workers:
                 point = folder / f"k{count}"
                 point.mkdir()
-                results.append(measure_point(floats, count, repeats, point, folder / "payload.pickle", message_sizes))
+                results.append(measure_point(floats, count, repeats, point, folder / "payload.pickle", message_sizes,
+                                             sample_seconds))
                 print(f"N={floats:,} K={count}: ingest {results[-1]['ingest_mb_per_s']:,.0f} MB/s, "
                       f"floor {results[-1]['floor_mb_per_s']:,.0f} MB/s ({results[-1]['ratio']:.0%})", flush=True)
     return results
@@ -224,10 +294,12 @@ def measure(sizes: Sequence[int], workers: Sequence[int], repeats: int) -> list[
 def table(results: list[dict[str, Any]]) -> str:
     return markdown_table(
         ["floats per upload", "workers K", "payload MB (all K)", "repeats", "server ingest MB/s",
-         "grpcio floor MB/s", "ingest / floor", f"target >= {TARGET_RATIO:.0%}"],
+         "grpcio floor MB/s", "ingest / floor", f"target >= {TARGET_RATIO:.0%}", "server CPU s/GB: ingest",
+         "floor"],
         [[f"{r['floats']:,}", r["workers"], f"{r['payload_bytes'] / 1e6:,.0f}", r["repeats"],
           f"{r['ingest_mb_per_s']:,.0f}", f"{r['floor_mb_per_s']:,.0f}", f"{r['ratio']:.0%}",
-          "met" if r["meets_target"] else "missed"] for r in results])
+          "met" if r["meets_target"] else "missed", f"{r['ingest_server_cpu_s_per_gb']:.2f}",
+          f"{r['floor_server_cpu_s_per_gb']:.2f}"] for r in results])
 
 
 def verdict(results: list[dict[str, Any]]) -> str:
@@ -261,6 +333,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="workers uploading at once, each its own process (default: 1 4 16)")
     parser.add_argument("--repeats", type=int, default=5, metavar="R",
                         help="timed rounds per (N, K), each followed by a floor repeat (default: 5)")
+    parser.add_argument("--sample-stacks", type=float, default=0.0, metavar="SECONDS",
+                        help="sample the server threads' stacks at this interval and keep the most frequent "
+                             "frames in the JSON (default: 0, off: sampling takes the GIL too)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/ingest.json"), metavar="PATH",
                         help="JSON result file (default: runs/bench/ingest.json)")
     args = parser.parse_args(argv)
@@ -272,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info = run_info()
-    results = measure(args.sizes, args.workers, args.repeats)
+    results = measure(args.sizes, args.workers, args.repeats, args.sample_stacks)
     print(table(results))
     write_json(args.out, {"benchmark": "ingest", "target_ratio": TARGET_RATIO, **info,
                           "load_average_1m_after": os.getloadavg()[0], "results": results})

@@ -1,7 +1,7 @@
 """Every benchmark in one command, and docs/PERFORMANCE.md written from their results.
 
 Runs bench.transport, bench.scalar_path, bench.overhead, bench.lab (root
-only), bench.scale and bench.profile one after another (each writes runs/bench/<name>.json), then renders the document:
+only), bench.scale, bench.profile and bench.ingest one after another (each writes runs/bench/<name>.json), then renders the document:
 the machine, each benchmark's table, its target and verdict, the exact command
 that produced it and plots. --render rebuilds the document from the JSON files
 already there, so a benchmark can be re-run alone and the document refreshed.
@@ -88,10 +88,23 @@ BENCHMARKS = (
               "find the hot paths and fix what they show, with before/after",
               ("--workers", "2", "--repeats", "1", "--top", "5"),
               "Every step a round adds on top of local training, timed in one process for an all-full CNN "
-              "round, then cProfile's top functions. It pointed at two fixes, each timed side by side with "
-              "the code it replaced: the uplink encoding (four copies of every tensor byte, now one) and the "
+              "round, then cProfile's top functions. It pointed at three fixes, each timed side by side with "
+              "the code it replaced: the uplink encoding (four copies of every tensor byte, now one), the "
               "server's NaN/Inf check of every uploaded layer (a boolean mask, now one pass over the "
-              "extremes). The step timings are after both."),
+              "extremes) and the server's parsing of uploads (every chunk copied three times, now once: "
+              "see 7). The step timings are after all three."),
+    Benchmark("ingest", "7. Server ingest: K workers uploading at once vs grpcio's floor",
+              "the server's ingest at >= 80% of grpcio's floor measured in the same run",
+              ("--sizes", "100k", "--workers", "2", "--repeats", "1"),
+              "K client processes each stream one dense FullGradient of N values into the real server (its "
+              "options, CallGuard, AggregatorService and a Coordinator with K workers joined and its round "
+              "driver running, for a one-layer model of N values), all released at once when the round is "
+              "open; the clock runs from the first message of the first stream to the last ack. Inside it: "
+              "gRPC, authentication, reading the parts into tensors with every structural check and the "
+              "byte accounting, judging (with the NaN/Inf check) and installing the mirrors. The floor: "
+              "the same processes stream the same bytes into a method that only counts them, on a second "
+              "server in the same process, after the round is aggregated. Server CPU is the server "
+              "process's CPU seconds per GB of payload while the streams ran."),
 )
 
 

@@ -13,8 +13,8 @@ both alike.
 
 To show where gRPC's time goes, each repeat also times, in this one process,
 the two Python halves of the path: encoding (serialized_update_parts, which the
-worker hands to gRPC as they are) and parsing (the servicer's FromString of
-every part plus read_update_header/read_update_body); and "bare gRPC": the same
+worker hands to gRPC as they are) and parsing (read_update_header/read_update_body
+from every message's raw bytes, as the server reads them); and "bare gRPC": the same
 serialized bytes streamed to a server method that only counts them, which is
 the floor gRPC's own machinery sets before any of our code runs.
 """
@@ -124,8 +124,8 @@ def encode(tensor: torch.Tensor) -> list[bytes]:
 
 
 def parse(serialized: list[bytes], max_tensor_bytes: int) -> None:
-    """The server's Python work: deserialize every part as the servicer stub does, then read the update."""
-    stream = (pb.UpdatePart.FromString(data) for data in serialized)
+    """The server's Python work: read the update from the messages' raw bytes, as SubmitUpdate does."""
+    stream = iter(serialized)
     read_update_body(read_update_header(stream), stream, max_tensor_bytes, max_tensor_bytes)
 
 

@@ -59,6 +59,7 @@ class Watchdog:
         self._tickets = itertools.count()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._wakes_at = math.inf  # when the watchdog's thread wakes up next by itself
 
     @contextmanager
     def stage(self, seconds: float, expire: Callable[[], None]) -> Iterator[None]:
@@ -66,11 +67,13 @@ class Watchdog:
         watchdog's thread), which must make the body return, for example by cancelling its call."""
         ticket = next(self._tickets)
         with self._cond:
-            self._armed[ticket] = (self._clock() + seconds, expire)
+            deadline = self._clock() + seconds
+            self._armed[ticket] = (deadline, expire)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="call-watchdog", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if deadline < self._wakes_at:  # else it wakes in time anyway: no thread switch per message
+                self._cond.notify()
         try:
             yield
         finally:
@@ -89,8 +92,9 @@ class Watchdog:
                 expired = [ticket for ticket, (deadline, _) in self._armed.items() if deadline <= now]
                 callbacks = [self._armed.pop(ticket)[1] for ticket in expired]
                 if not callbacks:
-                    next_deadline = min((deadline for deadline, _ in self._armed.values()), default=None)
-                    self._cond.wait(None if next_deadline is None else next_deadline - now)
+                    self._wakes_at = min((deadline for deadline, _ in self._armed.values()), default=math.inf)
+                    self._cond.wait(None if self._wakes_at == math.inf else self._wakes_at - now)
+                    self._wakes_at = -math.inf  # awake: it looks at every stage before it sleeps again
                     continue
             for expire in callbacks:
                 try:

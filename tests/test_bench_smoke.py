@@ -85,6 +85,21 @@ def test_scale_mirrors_hold_k_model_copies_and_float16_halves_them(tmp_path: Pat
     assert "| 4 | float16 | adaptive |" in printed and "Growth with K" in printed
 
 
+def test_ingest_times_k_uploading_processes_against_the_floor_and_checks_the_byte_count(tmp_path: Path) -> None:
+    out = tmp_path / "ingest.json"
+    printed = run_bench("ingest", "--sizes", "100k", "--workers", "2", "--repeats", "2", "--out", str(out)).stdout
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["floats"], row["workers"]) for row in rows] == [(100_000, 2)]
+    for row in rows:
+        assert row["payload_bytes"] == 400_000 * row["workers"]
+        # bench.ingest itself refuses a run whose server counted other uplink bytes than were sent
+        assert row["uplink_bytes_per_round"] > row["payload_bytes"]
+        assert len(row["ingest_seconds"]) == len(row["floor_seconds"]) == 2
+        assert row["ratio"] == pytest.approx(row["ingest_mb_per_s"] / row["floor_mb_per_s"])
+        assert row["ingest_server_cpu_s_per_gb"] >= 0 and row["floor_server_cpu_s_per_gb"] >= 0
+    assert "| 100,000 | 2 |" in printed
+
+
 def test_overhead_and_profile_run_and_the_document_renders_every_section(tmp_path: Path) -> None:
     results = tmp_path / "results"
     run_bench("overhead", "--model", "mlp", "--workers", "2", "--rounds", "2", "--embedded",
@@ -98,14 +113,15 @@ def test_overhead_and_profile_run_and_the_document_renders_every_section(tmp_pat
     [profile] = json.loads((results / "profile.json").read_text())["results"]
     assert len(profile["top_functions"]) == 5 and all(step["seconds"] > 0 for step in profile["steps"])
     assert {(e["fix"], e["variant"].split(":")[0]) for e in profile["fixes"]} == {
-        (fix, variant) for fix in ("uplink encoding", "NaN/Inf check") for variant in ("before", "after")}
+        (fix, variant) for fix in ("uplink encoding", "NaN/Inf check", "upload parsing")
+        for variant in ("before", "after")}
 
     document = tmp_path / "PERFORMANCE.md"
     run_bench("performance", "--render", "--results-dir", str(results), "--out", str(document))
     text = document.read_text()
     for title in ("1. Transport", "2. Scalar path", "3. System overhead", "4. Bandwidth", "5. Scale", "6. Profile"):
         assert f"## {title}" in text
-    assert text.count("Not measured yet") == 4  # transport, scalar path, lab and scale were not run here
+    assert text.count("Not measured yet") == 5  # transport, scalar path, lab, scale and ingest were not run here
     assert "| mlp | 2 | mnist-embedded | 2 |" in text
 
 

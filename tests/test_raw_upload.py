@@ -7,7 +7,7 @@ import grpc
 import pytest
 import torch
 
-from lbgm.common.codec import CHUNK_BYTES
+from lbgm.common.codec import CHUNK_BYTES, FRESH_MAPPING_BYTES
 from lbgm.common.grpc_options import CHANNEL_OPTIONS, ERROR_DETAIL_KEY, worker_metadata
 from lbgm.common.wire import (
     GRPC_FRAME_BYTES, FullLayer, MalformedStream, ScalarEntry, chunk_payload, encode_chunk_part, read_update_body,
@@ -26,8 +26,10 @@ HEADER = pb.UpdateHeader(worker_id=3, token=b"token", round=7, num_samples=600, 
 
 def uploads() -> dict[str, tuple[list[FullLayer], list[ScalarEntry], list[torch.Tensor]]]:
     """Uploads of every shape the wire carries: payloads of one chunk, of several and of an exact
-    multiple of CHUNK_BYTES, several tensors in one payload (top-k, sign), scalars and buffers."""
+    multiple of CHUNK_BYTES, one received into its own populated mapping (receive_buffer), several
+    tensors in one payload (top-k, sign), scalars and buffers."""
     generator = torch.Generator().manual_seed(0)
+    mapped = torch.randn(FRESH_MAPPING_BYTES // 4 + 3, generator=generator)
     big = torch.randn(CHUNK_BYTES // 4 * 2 + 1000, generator=generator)
     exact = torch.randn(CHUNK_BYTES // 4 * 3, generator=generator)
     small = torch.randn(5, 3, generator=generator)
@@ -36,6 +38,7 @@ def uploads() -> dict[str, tuple[list[FullLayer], list[ScalarEntry], list[torch.
     return {
         "dense, several chunks": ([FullLayer.dense(0, 7, big)], [], []),
         "dense, an exact multiple of the chunk": ([FullLayer.dense(0, 7, exact)], [], []),
+        "dense, received into a mapping of its own": ([FullLayer.dense(0, 7, mapped)], [], []),
         "float16 and a scalar": ([FullLayer.dense(1, 7, small.half())], [ScalarEntry(0, 0.5, 6)], []),
         "top-k": ([FullLayer(0, 7, pb.TOPK, topk)], [], []),
         "sign (126 bytes of bits, then a float32 scale)": ([FullLayer(2, 7, pb.SIGN, sign)], [], []),
@@ -149,3 +152,11 @@ def test_the_real_server_reads_raw_uploads_and_refuses_undecodable_ones_as_malfo
             assert coordinator.status().uplink_bytes == before + len(garbage[0]) + GRPC_FRAME_BYTES
     finally:
         running.stop(grace=0)
+
+
+def test_a_tensor_received_into_its_own_mapping_outlives_everything_else_that_held_it():
+    values = torch.randn(FRESH_MAPPING_BYTES // 4 + 1)
+    update = read(serialized_update_parts(HEADER, [FullLayer.dense(0, 7, values)], []))
+    view = update.full[0].parts[0][-5:]
+    del update
+    assert torch.equal(view, values[-5:])
