@@ -109,24 +109,30 @@ class ImageDataset:
 
 
 def read_idx(path: Path) -> torch.Tensor:
-    """An IDX file (optionally gzip-compressed) as a uint8 tensor."""
+    """An IDX file (optionally gzip-compressed) as a uint8 tensor, read straight into its own buffer (no
+    copy of the file's bytes: the 47 MB of MNIST's training images are 47 MB while reading, not 141)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
-            data = handle.read()
+            start = handle.read(4)
+            if len(start) < 4 or start[0] != 0 or start[1] != 0 or start[2] != 0x08:
+                raise DatasetError(f"{path} is not an unsigned-byte IDX file")
+            ndim = start[3]
+            dimensions = handle.read(4 * ndim)
+            if len(dimensions) < 4 * ndim:
+                raise DatasetError(f"{path} ends inside its header ({4 + len(dimensions)} bytes, {ndim} dimensions)")
+            shape = struct.unpack(f">{ndim}I", dimensions)
+            header_end = 4 + 4 * ndim
+            expected = header_end + int(np.prod(shape, dtype=np.int64))
+            data = bytearray(expected - header_end)
+            got = handle.readinto(data)
+            extra = len(handle.read(1))
     except (OSError, EOFError) as error:
         raise DatasetError(f"cannot read {path}: {error}") from error
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DatasetError(f"{path} is not an unsigned-byte IDX file")
-    ndim = data[3]
-    header_end = 4 + 4 * ndim
-    if len(data) < header_end:
-        raise DatasetError(f"{path} ends inside its header ({len(data)} bytes, {ndim} dimensions)")
-    shape = struct.unpack(f">{ndim}I", data[4:header_end])
-    expected = header_end + int(np.prod(shape, dtype=np.int64))
-    if len(data) != expected:
-        raise DatasetError(f"{path} holds {len(data)} bytes, its header implies {expected}")
-    return torch.frombuffer(bytearray(data[header_end:]), dtype=torch.uint8).reshape(shape)
+    if got != len(data) or extra:
+        actual = f"{header_end + got} bytes" if not extra else "more bytes"
+        raise DatasetError(f"{path} holds {actual}, its header implies {expected}")
+    return torch.frombuffer(data, dtype=torch.uint8).reshape(shape) if data else torch.empty(shape, dtype=torch.uint8)
 
 
 def _idx_path(folder: Path, stem: str) -> Path | None:

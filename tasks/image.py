@@ -9,6 +9,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,6 +68,23 @@ def _split(name: str, split: str, data_dir: Path | None) -> tuple[torch.Tensor, 
     return _recent.get((name, split, data_dir), lambda: read_split(name, split, data_dir))
 
 
+@dataclass(frozen=True)
+class StoredImages:
+    """A worker's training images as stored (uint8) with their labels, normalised minibatch by minibatch
+    (the task API's Batches): a quarter of the memory of normalised tensors for the same values, as every
+    value is normalised from its pixel alone."""
+
+    dataset: str
+    pixels: torch.Tensor  # uint8, N x C x H x W
+    targets: torch.Tensor  # int64, N
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalised(self.dataset, self.pixels[indices]), self.targets[indices]
+
+
 @functools.lru_cache(maxsize=4)
 def _shards(name: str, data_dir: Path | None, count: int, scheme: str, seed: int, k: int,
             alpha: float) -> tuple[torch.Tensor, ...]:
@@ -115,9 +133,9 @@ def classification(options: TaskOptions) -> Task:
     info = INFO[options.dataset]
     factory = MODELS[options.model]
 
-    def train_data(shard: Shard) -> Examples:
-        """The shard's rows of the training set, normalised: only those (the split as stored is dropped
-        HOLD_SECONDS after the last shard taken from it)."""
+    def train_data(shard: Shard) -> StoredImages:
+        """The shard's rows of the training set, only those (the split as stored is dropped HOLD_SECONDS
+        after the last shard taken from it)."""
         if shard.index >= shard.count:
             raise ValueError(f"shard {shard.index} does not exist; the experiment has {shard.count}")
         images, labels = _split(options.dataset, "train", shard.data_dir)
@@ -125,7 +143,7 @@ def classification(options: TaskOptions) -> Task:
                           options.classes_per_worker, options.dirichlet_alpha)[shard.index]
         log.debug("shard %d: %d samples, per class %s", shard.index, len(indices),
                   class_summary(labels, [indices], info.num_classes)[0])
-        return Examples(normalised(options.dataset, images[indices]), labels[indices])
+        return StoredImages(options.dataset, images[indices], labels[indices])
 
     def test_data(data_dir: Path | None) -> Examples:
         dataset = load_dataset(options.dataset, "test", data_dir)
@@ -139,7 +157,7 @@ def classification(options: TaskOptions) -> Task:
         rows = slice(shard.index, None, shard.count)
         return Examples(normalised(options.dataset, images[rows]), labels[rows].clone())
 
-    def describe_shards(shards: Sequence[Examples]) -> str:
+    def describe_shards(shards: Sequence[StoredImages]) -> str:
         """Every worker's classes (as partition.txt always showed them)."""
         ends = torch.tensor([len(shard) for shard in shards]).cumsum(0).tolist()
         ranges = [torch.arange(end - len(shard), end) for shard, end in zip(shards, ends)]
