@@ -181,13 +181,18 @@ def measure(points: Sequence[Point], rounds: int, fraction: float, model: str, p
               f"MB, workers peak PSS {result['workers_peak_pss_bytes'] / MB:,.0f} MB, median round "
               f"{result['median_round_seconds']:.2f} s", flush=True)
         results.append(result)
+        mark_same_final_models(results)
         done(results)
+    return results
+
+
+def mark_same_final_models(results: list[dict[str, Any]]) -> None:
+    """Whatever the worker models and the mirror store, the training is the same: one final model per K."""
     by_k: dict[int, set[str]] = {}
     for result in results:
         by_k.setdefault(result["workers"], set()).add(result["final_model_digest"])
-    for result in results:  # the same training whatever the models and mirrors: one final model per K
+    for result in results:
         result["same_final_model_at_k"] = len(by_k[result["workers"]]) == 1
-    return results
 
 
 PER_WORKER_KEYS = {"server_peak_rss_bytes": "server_rss_bytes_per_worker",

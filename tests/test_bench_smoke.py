@@ -100,6 +100,22 @@ def test_ingest_times_k_uploading_processes_against_the_floor_and_checks_the_byt
     assert "| 100,000 | 2 |" in printed
 
 
+def test_thousands_runs_memory_and_disk_mirrors_to_the_same_final_model(tmp_path: Path) -> None:
+    out = tmp_path / "thousands.json"
+    printed = run_bench("thousands", "--points", "4:own:memory", "4:shared:disk", "--rounds", "2", "--processes", "1",
+                        "--work-dir", str(tmp_path / "runs"), "--out", str(out), timeout=300).stdout
+    result = json.loads(out.read_text())
+    rows = {(row["models"], row["mirrors"]): row for row in result["results"]}
+    assert set(rows) == {("own", "memory"), ("shared", "disk")}
+    for row in rows.values():
+        assert row["workers"] == 4 and row["sampled_per_round"] == 1 and row["rounds"] == 2
+        assert row["mirror_bytes"] == row["workers_with_mirrors"] * row["model_bytes"] > 0
+        assert row["server_peak_pss_bytes"] > 0 and row["workers_peak_pss_bytes"] > 0 and row["pss_samples"] > 0
+        assert row["same_final_model_at_k"]  # own or shared models, memory or disk mirrors: the same training
+    assert set(result["growth"]) == {"own models, memory mirrors", "shared models, disk mirrors"}
+    assert "| 4 | shared | disk |" in printed
+
+
 def test_overhead_and_profile_run_and_the_document_renders_every_section(tmp_path: Path) -> None:
     results = tmp_path / "results"
     run_bench("overhead", "--model", "mlp", "--workers", "2", "--rounds", "2", "--embedded",
@@ -121,7 +137,7 @@ def test_overhead_and_profile_run_and_the_document_renders_every_section(tmp_pat
     text = document.read_text()
     for title in ("1. Transport", "2. Scalar path", "3. System overhead", "4. Bandwidth", "5. Scale", "6. Profile"):
         assert f"## {title}" in text
-    assert text.count("Not measured yet") == 5  # transport, scalar path, lab, scale and ingest were not run here
+    assert text.count("Not measured yet") == 6  # transport, scalar path, lab, scale, ingest, thousands: not run here
     assert "| mlp | 2 | mnist-embedded | 2 |" in text
 
 
