@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "show progress, and print a summary at the end.")
     run.add_argument("--processes", type=int, default=0,
                      help="worker OS processes; workers are spread over them as virtual workers "
-                          "(default: one per core this machine lets lbgm use, at most one per worker)")
+                          "(default: one per core this machine lets lbgm use but one, at least one, at most one per worker)")
     run.add_argument("--out-dir", type=Path, default=Path("runs"), help="parent folder of run folders (default: runs)")
     add_device_argument(run, "--device", "every worker's local training and LBGM decisions")
     add_device_argument(run, "--server-device", "the server's central evaluation")

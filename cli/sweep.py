@@ -81,7 +81,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--out-dir", type=Path,
                        help="parent folder of the sweep's run folders (default: runs/sweeps/<name>)")
     sweep.add_argument("--processes", type=int, default=0,
-                       help="worker OS processes per run (default: one per core, at most one per worker)")
+                       help="worker OS processes per run (default: one per core but one, at least one, at most one per worker)")
     add_target_argument(sweep)
     add_log_level(sweep)  # also passed to every run's server and worker processes
     add_config_arguments(sweep)

@@ -71,7 +71,7 @@ def local_federation(task: str, workers: int = 4, rounds: int = 3, processes: in
                      out_dir: Path | None = None, timeout: float = 300.0, log_level: str = "INFO",
                      device: str = "cpu", server_device: str = "cpu", **settings: Any) -> Iterator[FederationResult]:
     """Runs `task` (package.module:name or path/to/file.py:name) with `workers` workers in `processes`
-    worker processes (0: one per core, at most one per worker) for `rounds` rounds, then yields its result.
+    worker processes (0: one per core but one, at least one, at most one per worker) for `rounds` rounds, then yields its result.
     The workers train on `device` and the server evaluates on `server_device` (auto, cpu, cuda, cuda:N,
     mps; DeviceError if this machine has no such device, before any process starts).
     `settings` are further ExperimentConfig fields (delta, local_lr, seed, name, ...). The run folder is

@@ -62,7 +62,7 @@ def test_a_failing_task_raises_with_the_log_tails_and_leaves_no_process(tmp_path
     path = write_task(tmp_path)
     path.write_text(path.read_text() + FAILING_TRAINING)
     with pytest.raises(FederationError, match="every worker process failed") as failure:
-        with local_federation(f"{path}:broken_training", workers=2, rounds=2, **SETTINGS):
+        with local_federation(f"{path}:broken_training", workers=2, rounds=2, processes=2, **SETTINGS):
             pass
     message = str(failure.value)
     assert "--- worker-0.log" in message and "--- server.log" in message
