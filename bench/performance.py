@@ -1,7 +1,7 @@
 """Every benchmark in one command, and docs/PERFORMANCE.md written from their results.
 
 Runs bench.transport, bench.scalar_path, bench.overhead, bench.lab (root
-only), bench.scale, bench.profile and bench.ingest one after another (each writes runs/bench/<name>.json), then renders the document:
+only), bench.scale, bench.profile, bench.ingest and bench.footprint one after another (each writes runs/bench/<name>.json), then renders the document:
 the machine, each benchmark's table, its target and verdict, the exact command
 that produced it and plots. --render rebuilds the document from the JSON files
 already there, so a benchmark can be re-run alone and the document refreshed.
@@ -105,6 +105,18 @@ BENCHMARKS = (
               "the same processes stream the same bytes into a method that only counts them, on a second "
               "server in the same process, after the round is aggregated. Server CPU is the server "
               "process's CPU seconds per GB of payload while the streams ran."),
+    Benchmark("footprint", "8. Footprint: memory and CPU of the whole federation vs the compute floor",
+              "the Flower job's default command in <= 1.5 GB of summed PSS and <= 1.5x the floor's CPU-seconds "
+              "per round; the memory each added virtual worker costs, stated",
+              ("--quick",),
+              "`lbgm run` on configs/flower-comparison.toml (CNN on MNIST, 10 workers x 3 classes, tau 5, "
+              "batch 32, delta 0.2 both ways), the default command and other --processes one after another. "
+              "Every 0.2 s the proportional set size (shared pages counted once over all processes) and the "
+              "CPU time of every process of the run (launcher, server, worker processes) are read from "
+              "/proc; wall and CPU-seconds per round are means of rounds 2..R. The floor is the same training "
+              "and the same central evaluations in one process without transport (lbgm.sim.federation."
+              "simulate, one torch thread), in the same invocation. The last table is the default command at "
+              "more virtual workers (3 rounds each): the slope is what each added worker costs."),
     Benchmark("thousands", "9. Thousands of workers: one server, 10% sampled, mirrors in RAM or on disk",
               "1,000 and 5,000 virtual workers, 10% sampled per round: server memory, round time and memory "
               "per worker with and without `--mirrors disk`; how far one server goes and what limits it",

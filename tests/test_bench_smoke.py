@@ -85,21 +85,6 @@ def test_scale_mirrors_hold_k_model_copies_and_float16_halves_them(tmp_path: Pat
     assert "| 4 | float16 | adaptive |" in printed and "Growth with K" in printed
 
 
-def test_ingest_times_k_uploading_processes_against_the_floor_and_checks_the_byte_count(tmp_path: Path) -> None:
-    out = tmp_path / "ingest.json"
-    printed = run_bench("ingest", "--sizes", "100k", "--workers", "2", "--repeats", "2", "--out", str(out)).stdout
-    rows = json.loads(out.read_text())["results"]
-    assert [(row["floats"], row["workers"]) for row in rows] == [(100_000, 2)]
-    for row in rows:
-        assert row["payload_bytes"] == 400_000 * row["workers"]
-        # bench.ingest itself refuses a run whose server counted other uplink bytes than were sent
-        assert row["uplink_bytes_per_round"] > row["payload_bytes"]
-        assert len(row["ingest_seconds"]) == len(row["floor_seconds"]) == 2
-        assert row["ratio"] == pytest.approx(row["ingest_mb_per_s"] / row["floor_mb_per_s"])
-        assert row["ingest_server_cpu_s_per_gb"] >= 0 and row["floor_server_cpu_s_per_gb"] >= 0
-    assert "| 100,000 | 2 |" in printed
-
-
 def test_thousands_runs_memory_and_disk_mirrors_to_the_same_final_model(tmp_path: Path) -> None:
     out = tmp_path / "thousands.json"
     printed = run_bench("thousands", "--points", "4:own:memory", "4:shared:disk", "--rounds", "2", "--processes", "1",
@@ -114,6 +99,40 @@ def test_thousands_runs_memory_and_disk_mirrors_to_the_same_final_model(tmp_path
         assert row["same_final_model_at_k"]  # own or shared models, memory or disk mirrors: the same training
     assert set(result["growth"]) == {"own models, memory mirrors", "shared models, disk mirrors"}
     assert "| 4 | shared | disk |" in printed
+
+
+def test_footprint_samples_every_process_and_compares_with_the_floor(tmp_path: Path) -> None:
+    out = tmp_path / "footprint.json"
+    printed = run_bench("footprint", "--quick", "--work-dir", str(tmp_path / "runs"), "--out", str(out),
+                        timeout=300).stdout
+    result = json.loads(out.read_text())["results"]
+    [default] = result["runs"]
+    assert default["label"] == "default" and default["rounds"] == 2
+    assert default["worker_processes"] == min(2, max(1, len(os.sched_getaffinity(0)) - 1))  # the default
+    assert all(default["peak_pss_bytes_by_role"][role] > 0 for role in ("launcher", "server", "workers"))
+    assert default["peak_pss_bytes"] <= sum(default["peak_pss_bytes_by_role"].values())
+    assert default["cpu_seconds_total"] > default["cpu_seconds_per_round"] > 0 and default["wall_seconds_per_round"] > 0
+    assert result["floor"]["rounds"] == 2 and result["floor"]["cpu_seconds_per_round"] > 0
+    assert result["floor"]["final_accuracy"] == default["final_accuracy"]  # the floor trains the same job
+    assert [r["workers"] for r in result["scan"]["runs"]] == [1, 2]
+    assert result["scan"]["runs"][1]["peak_pss_bytes"] == default["peak_pss_bytes"]  # the same run, not a rerun
+    assert set(result["scan"]["slope_bytes_per_worker"]) == {"launcher", "server", "workers", "total"}
+    assert f"| `default` | {default['worker_processes']} |" in printed
+
+
+def test_ingest_times_k_uploading_processes_against_the_floor_and_checks_the_byte_count(tmp_path: Path) -> None:
+    out = tmp_path / "ingest.json"
+    printed = run_bench("ingest", "--sizes", "100k", "--workers", "2", "--repeats", "2", "--out", str(out)).stdout
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["floats"], row["workers"]) for row in rows] == [(100_000, 2)]
+    for row in rows:
+        assert row["payload_bytes"] == 400_000 * row["workers"]
+        # bench.ingest itself refuses a run whose server counted other uplink bytes than were sent
+        assert row["uplink_bytes_per_round"] > row["payload_bytes"]
+        assert len(row["ingest_seconds"]) == len(row["floor_seconds"]) == 2
+        assert row["ratio"] == pytest.approx(row["ingest_mb_per_s"] / row["floor_mb_per_s"])
+        assert row["ingest_server_cpu_s_per_gb"] >= 0 and row["floor_server_cpu_s_per_gb"] >= 0
+    assert "| 100,000 | 2 |" in printed
 
 
 def test_overhead_and_profile_run_and_the_document_renders_every_section(tmp_path: Path) -> None:
@@ -137,7 +156,7 @@ def test_overhead_and_profile_run_and_the_document_renders_every_section(tmp_pat
     text = document.read_text()
     for title in ("1. Transport", "2. Scalar path", "3. System overhead", "4. Bandwidth", "5. Scale", "6. Profile"):
         assert f"## {title}" in text
-    assert text.count("Not measured yet") == 6  # transport, scalar path, lab, scale, ingest, thousands: not run here
+    assert text.count("Not measured yet") == 7  # transport, scalar path, lab, scale, ingest, footprint, thousands: not run here
     assert "| mlp | 2 | mnist-embedded | 2 |" in text
 
 
