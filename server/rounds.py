@@ -51,7 +51,7 @@ from lbgm.server.sampling import sample_workers
 from lbgm.server.metrics import ServerMetrics
 from lbgm.server.mirrors import mirror_store
 from lbgm.server.registry import Registry, WorkerRecord
-from lbgm.server.updates import AcceptedUpdate, UpdateRejected, UploadRules, judge_update
+from lbgm.server.updates import AcceptedUpdate, UpdateRejected, UploadRules, decode_full_layers, judge_update
 from lbgm.v1 import lbgm_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -292,9 +292,14 @@ class Coordinator:
     def submit(self, worker_id: int, update: ReceivedUpdate) -> AcceptedUpdate:
         """Accept one upload atomically, or raise UpdateRejected and change nothing but the byte counters."""
         self.metrics.heard_from(worker_id)
+        try:  # the payloads need no state: decoded and checked outside the lock, by all uploads at once
+            decoded = decode_full_layers(update, update.header.round, self.rules)
+        except UpdateRejected as error:
+            self.record_refusal(worker_id, error.reason, update.wire_bytes)
+            raise
         with self._cond:
             try:
-                accepted = self._judge(worker_id, update)
+                accepted = self._judge(worker_id, update, decoded)
             except UpdateRejected as error:
                 self._count_refusal(worker_id, error.reason, update.wire_bytes)
                 raise
@@ -352,7 +357,7 @@ class Coordinator:
         self._ledger.refused[pb.ErrorDetail.Reason.Name(reason)] += 1
         self.metrics.refused(reason, wire_bytes)
 
-    def _judge(self, worker_id: int, update: ReceivedUpdate) -> AcceptedUpdate:
+    def _judge(self, worker_id: int, update: ReceivedUpdate, decoded: dict[int, torch.Tensor]) -> AcceptedUpdate:
         current = self._round
         claimed = update.header.round
         # Before ROUND_CLOSED: the retry of a round's last upload whose ack was lost finds the round
@@ -366,7 +371,7 @@ class Coordinator:
             raise UpdateRejected(pb.ErrorDetail.NOT_SAMPLED, f"worker {worker_id} was not sampled in round {claimed}")
         if current.evaluate_only:
             raise UpdateRejected(pb.ErrorDetail.ROUND_CLOSED, f"round {claimed} only evaluates the final model")
-        accepted = judge_update(update, current.number, self.rules, self.mirrors.of_worker(worker_id))
+        accepted = judge_update(update, current.number, self.rules, self.mirrors.of_worker(worker_id), decoded)
         # The aggregation weight: a worker claiming more samples than its shard holds would dominate the average.
         # Without the data (a weights file) the server knows no shard's size: the claim is bounded instead.
         if self.job.shard_sizes is not None:

@@ -52,7 +52,10 @@ class AcceptedUpdate:
     floats_uploaded: int  # payload elements plus one per scalar (the paper's "parameters shared")
 
 
-def _decoded_full_layers(update: ReceivedUpdate, round_number: int, rules: UploadRules) -> dict[int, torch.Tensor]:
+def decode_full_layers(update: ReceivedUpdate, round_number: int, rules: UploadRules) -> dict[int, torch.Tensor]:
+    """Each full layer decoded and checked (range, version, codec, dtype, shape, NaN/Inf): the part of
+    judging that reads every payload byte and needs no mirror, so a server can run it for many uploads
+    at once before it takes its lock (Coordinator.submit) and hand the result to judge_update."""
     malformed = pb.ErrorDetail.MALFORMED
     decoded = {}
     for item in update.full:
@@ -99,14 +102,16 @@ def judge_update(
     round_number: int,
     rules: UploadRules,
     mirrors: dict[int, LookbackGradient],
+    decoded: dict[int, torch.Tensor] | None = None,
 ) -> AcceptedUpdate:
-    """Check every rule of the protocol; rebuild the gradient if all hold."""
+    """Check every rule of the protocol; rebuild the gradient if all hold. `decoded`: what
+    decode_full_layers(update, round_number, rules) returned, if it ran already."""
     malformed = pb.ErrorDetail.MALFORMED
     if update.header.num_samples == 0:
         raise UpdateRejected(malformed, "num_samples must be positive")
     if not math.isfinite(update.header.train_loss):
         raise UpdateRejected(malformed, f"train_loss is not finite: {update.header.train_loss}")
-    full_by_layer = _decoded_full_layers(update, round_number, rules)
+    full_by_layer = decode_full_layers(update, round_number, rules) if decoded is None else decoded
     payload_sizes = {item.layer: sum(part.numel() for part in item.parts) for item in update.full}
     buffers = _checked_buffers(update, rules)
     units = rules.units
