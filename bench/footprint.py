@@ -3,11 +3,12 @@
 Runs the Flower job (configs/flower-comparison.toml: the CNN on MNIST, 10 workers x 3 classes, tau 5,
 batch 32, 20 rounds, delta 0.2 both ways) with the default command, `lbgm run --config ... --data-dir
 ...`, and side by side with other --processes. Every --interval seconds it reads, for every process of
-the run's tree (the `lbgm run` launcher, the server, the worker processes):
+the run's tree (the `lbgm run` launcher; its check, the short-lived child that loads torch to check the
+devices and the task before anything starts, launch/preflight.py; the server; the worker processes):
 
 - the proportional set size (Pss of /proc/<pid>/smaps_rollup: shared pages such as libtorch's code
   count once over all processes), summed: the peak of that sum is the run's memory; the peak of each
-  role's sum (launcher, server, workers) and of its largest process say where it goes;
+  role's sum (launcher, check, server, workers) and of its largest process say where it goes;
 - CPU time: utime + stime + cutime + cstime of /proc/<pid>/stat (a child that exited and was reaped
   counts in its parent's cutime), summed.
 
@@ -45,7 +46,7 @@ from bench.common import chart, markdown_table, run_info, run_main, write_json
 TARGET_PEAK_BYTES = 1.5e9
 TARGET_RATIO = 1.5
 DEFAULT_DATA_DIR = Path("../shared/data")
-ROLES = ("launcher", "server", "workers")
+ROLES = ("launcher", "check", "server", "workers")
 MB = 1e6
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -105,11 +106,13 @@ def descendants(root: int) -> list[int]:
 
 
 def role_of(pid: int) -> str | None:
-    """launcher, server or workers from the command line; None for anything else (never the case today)."""
+    """launcher, check, server or workers from the command line; None for anything else (never the case today)."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
+    if b"lbgm.launch.preflight" in argv:
+        return "check"
     if b"lbgm.cli" not in argv:
         return None
     command = argv[argv.index(b"lbgm.cli") + 1]
@@ -279,14 +282,14 @@ def seconds(value: float | None) -> str:
 def table(results: dict[str, Any]) -> str:
     floor = results["floor"]
     runs = markdown_table(
-        ["command", "worker processes", "peak PSS MB", "launcher MB", "server MB", "workers MB",
+        ["command", "worker processes", "peak PSS MB", "launcher MB", "check MB", "server MB", "workers MB",
          "largest worker MB", "wall s/round", "CPU-s/round", "CPU / floor"],
         [[f"`{r['label']}`", r["worker_processes"], megabytes(r["peak_pss_bytes"]),
           *(megabytes(r["peak_pss_bytes_by_role"][role]) for role in ROLES),
           megabytes(r["largest_process_pss_bytes_by_role"]["workers"]), seconds(r["wall_seconds_per_round"]),
           seconds(r["cpu_seconds_per_round"]), f"{r['cpu_seconds_per_round'] / floor['cpu_seconds_per_round']:.2f}x"]
          for r in results["runs"]]
-        + [["floor: one process, no transport", "-", "-", "-", "-", "-", "-",
+        + [["floor: one process, no transport", "-", "-", "-", "-", "-", "-", "-",
             seconds(floor["wall_seconds_per_round"]), seconds(floor["cpu_seconds_per_round"]), "1.00x"]])
     lines = [runs, "",
              f"Final models of all --processes runs byte-identical: {'yes' if results['final_models_equal'] else 'NO'}. "
@@ -294,7 +297,8 @@ def table(results: dict[str, Any]) -> str:
     scan = results.get("scan")
     if scan:
         lines += ["", markdown_table(
-            ["virtual workers", "worker processes", "peak PSS MB", "launcher MB", "server MB", "workers MB"],
+            ["virtual workers", "worker processes", "peak PSS MB", "launcher MB", "check MB", "server MB",
+             "workers MB"],
             [[r["workers"], r["worker_processes"], megabytes(r["peak_pss_bytes"]),
               *(megabytes(r["peak_pss_bytes_by_role"][role]) for role in ROLES)] for r in scan["runs"]]),
             "", "Each added virtual worker: " + ", ".join(

@@ -17,6 +17,7 @@ from lbgm.cli.report import add_target_argument
 from lbgm.experiment.config import ExperimentConfig, add_config_arguments, config_from_args
 from lbgm.lab import netns
 from lbgm.lab.experiment import cleanup_stale, run_lab
+from lbgm.task.loader import check_task
 
 DEFAULT_SUBNET = "10.77.0.0/24"
 
@@ -91,6 +92,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if args.hosts < 1:
         raise UsageError(f"--hosts must be >= 1, got {args.hosts}")
     config = lab_config(args)
+    check_task(config.task, config.task_options, config.seed)  # before any namespace or process
     uplink, downlink = parse_cap(args.uplink, "--uplink"), parse_cap(args.downlink, "--downlink")
     try:
         layout = netns.plan(netns.lab_prefix(os.getpid()), args.subnet, args.hosts)

@@ -21,36 +21,43 @@ import logging
 import math
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-import torch
 
-from lbgm.cli import analyze, certs, fetch, health, lab, report, sweep, weights
 from lbgm.cli.credentials import add_secret_arguments, read_secret
 from lbgm.cli.options import EnvParser, UsageError, add_log_level, configure_logging, worker_names
 from lbgm.cli.transport import (add_client_tls_arguments, add_server_tls_arguments, client_tls, server_tls,
                                 worker_tls)
 from lbgm.experiment.config import ConfigError, add_config_arguments, config_from_args
-from lbgm.common.devices import DeviceError, local_device
 from lbgm.launch.federation import PlacementError, run_federation
+from lbgm.launch.preflight import PreflightError, check_in_child
 from lbgm.report.runs import ReportError
 from lbgm.sweep.grid import SweepError
-from lbgm.tasks.datasets import DatasetError
-from lbgm.task.loader import BUILTIN_TASK, TaskError, check_reference
+from lbgm.common.errors import DatasetError, TaskError
 from lbgm.common.grpc_options import OPERATOR_TOKEN_KEY
 from lbgm.common.tls import ChannelTls, open_channel
+from lbgm.server import MIRROR_STORES
 from lbgm.server.registry import check_worker_name
 from lbgm.server.allocator import MAX_MMAP_THRESHOLD, pin_mmap_threshold
 from lbgm.server.limits import CallLimits
-from lbgm.server.mirrors import MIRROR_STORES
+from lbgm.tasks import BUILTIN_TASK
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # `lbgm run` and `lbgm status` never load torch (launch/preflight.py says why)
+    import torch
 
 log = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The `lbgm` parser. When argv names one of this module's commands (run, server, worker, status),
+    the other commands' modules, several of which import torch, are not imported: their parsers would
+    never be used (`lbgm run`'s process then holds no torch); otherwise (another command, `lbgm
+    --help`) every command is there."""
     parser = argparse.ArgumentParser(prog="lbgm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=EnvParser)
@@ -153,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     server.set_defaults(func=cmd_server)
     worker.set_defaults(func=cmd_worker)
+    if argv[:1] and argv[0] in commands.choices:
+        return parser
+    from lbgm.cli import analyze, certs, fetch, health, lab, report, sweep, weights
+
     sweep.add_parser(commands)
     report.add_parser(commands)
     analyze.add_parser(commands)
@@ -183,6 +194,8 @@ def add_mirrors_argument(parser: argparse.ArgumentParser) -> None:
 
 def device_option(name: str, flag: str) -> torch.device:
     """The device a --device flag names; a UsageError if this machine has no such device."""
+    from lbgm.common.devices import DeviceError, local_device
+
     try:
         return local_device(name, flag)
     except DeviceError as error:
@@ -222,6 +235,9 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    import torch
+
+    from lbgm.task.loader import check_reference
     from lbgm.worker.app import run_virtual_workers
     from lbgm.worker.client import RetryPolicy
 
@@ -283,29 +299,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    device_option(args.device, "--device")  # here, before anything starts; the processes resolve their own
-    device_option(args.server_device, "--server-device")
     config = config_from_args(args)
-    if config.weights:  # a bad weights file stops the run here, before its folder is touched
-        from lbgm.common.weights import WeightsError, read_weights
-        try:
-            read_weights(Path(config.weights))
-        except WeightsError as error:
-            raise UsageError(str(error)) from None
+    # The devices exist, the weights file reads and the task builds its model: checked in a child that
+    # loads torch, before anything starts or the run folder is touched (the processes resolve their own).
+    check_in_child(config, [(args.device, "--device"), (args.server_device, "--server-device")])
     return run_federation(config, args.out_dir, args.processes, args.log_level, args.log_format,
                           server_args=("--device", args.server_device, "--mirrors", args.mirrors),
                           worker_args=("--device", args.device))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command != "run":
         configure_logging(args.log_level, args.log_format)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, TaskError, DatasetError, PlacementError, ReportError, SweepError,
-            OSError) as error:
+    except (UsageError, ConfigError, TaskError, DatasetError, PlacementError, PreflightError, ReportError,
+            SweepError, OSError) as error:
         print(f"lbgm {args.command}: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # a failed child process or server: no traceback, its log says more

@@ -29,9 +29,9 @@ from fractions import Fraction
 
 import torch
 
+from lbgm.common.compressor_settings import CompressorSettings
 from lbgm.v1 import lbgm_pb2 as pb
 
-COMPRESSORS = ("none", "topk", "sign", "qsgd", "lowrank")
 CODEC_OF = {"none": pb.DENSE, "topk": pb.TOPK, "sign": pb.SIGN, "qsgd": pb.QSGD, "lowrank": pb.LOWRANK}
 # How many tensors each codec's payload holds: the receiver refuses a FullGradient listing more.
 PAYLOAD_TENSORS = {pb.DENSE: 1, pb.TOPK: 2, pb.SIGN: 2, pb.QSGD: 2, pb.LOWRANK: 2}
@@ -40,25 +40,6 @@ _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 class PayloadError(ValueError):
     """A compressed payload does not fit the layer it claims to encode."""
-
-
-@dataclass(frozen=True)
-class CompressorSettings:
-    name: str = "none"
-    topk_fraction: float = 0.1
-    quantization_levels: int = 127
-    lowrank_rank: int = 2
-    memory: bool = True  # error feedback for the base compressor (GRACE's Memory)
-
-    def __post_init__(self) -> None:
-        if self.name not in COMPRESSORS:
-            raise ValueError(f"compressor must be one of {list(COMPRESSORS)}, got {self.name!r}")
-        if not 0.0 < self.topk_fraction <= 1.0:
-            raise ValueError(f"topk_fraction must lie in (0, 1], got {self.topk_fraction}")
-        if not 1 <= self.quantization_levels <= 127:
-            raise ValueError(f"quantization_levels must lie in [1, 127] (int8 payload), got {self.quantization_levels}")
-        if self.lowrank_rank < 1:
-            raise ValueError(f"lowrank_rank must be >= 1, got {self.lowrank_rank}")
 
 
 @dataclass(frozen=True)

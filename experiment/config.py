@@ -14,13 +14,14 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lbgm.common.compressors import COMPRESSORS, CompressorSettings
-from lbgm.server.robust import RobustRule
-from lbgm.task import TaskOptions
-from lbgm.task.loader import BUILTIN_TASK
-from lbgm.tasks.models import INITS
+from lbgm.common.compressor_settings import COMPRESSORS, CompressorSettings
+from lbgm.tasks import BUILTIN_TASK, INITS
+
+if TYPE_CHECKING:  # both import torch, which `lbgm run`'s launcher process never loads
+    from lbgm.server.robust import RobustRule
+    from lbgm.task import TaskOptions
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 DOWNLINK_DTYPES = ("float32", "float16")
@@ -160,6 +161,8 @@ class ExperimentConfig:
 
     @property
     def task_options(self) -> TaskOptions:
+        from lbgm.task import TaskOptions
+
         return TaskOptions(dataset=self.dataset, model=self.model, partition=self.partition,
                            classes_per_worker=self.classes_per_worker, dirichlet_alpha=self.dirichlet_alpha,
                            eval_batch_size=self.eval_batch_size, init=self.init)
@@ -170,6 +173,8 @@ class ExperimentConfig:
 
     @property
     def robust_rule(self) -> RobustRule:
+        from lbgm.server.robust import RobustRule
+
         return RobustRule(norm_bound=self.update_norm_bound, loss_ratio=self.loss_guard_ratio)
 
     @property

@@ -28,7 +28,6 @@ from lbgm.experiment.config import ExperimentConfig, config_to_toml
 from lbgm.common.grpc_options import CHANNEL_OPTIONS
 from lbgm.launch.environment import environ_without_options, new_secret, secret_variable
 from lbgm.server.accounting import format_summary
-from lbgm.task.loader import check_task
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
 
@@ -175,11 +174,11 @@ def log_tails(logs: Path, lines: int = 15) -> str:
 @contextmanager
 def federation_processes(config: ExperimentConfig, out_dir: Path, placement: Placement, log_level: str = "INFO",
                          log_format: str = "text") -> Iterator[Federation]:
-    """Checks the task, writes <out_dir>/<name>/config.toml and starts the server and the workers, which
-    log to <run>/logs/. On leaving, every process has exited: the workers get 15 s to finish by themselves
-    after a normal exit, none after an exception; then what still runs is terminated, and killed after 10 s.
-    A task that does not load or build its model raises a TaskError before anything is written."""
-    check_task(config.task, config.task_options, config.seed)
+    """Writes <out_dir>/<name>/config.toml and starts the server and the workers, which log to <run>/logs/.
+    On leaving, every process has exited: the workers get 15 s to finish by themselves after a normal exit,
+    none after an exception; then what still runs is terminated, and killed after 10 s. The caller checks
+    the task first (check_task, or launch.preflight in a process without torch): a task that does not load
+    fails its server here."""
     run_dir = out_dir / config.name
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -223,7 +222,7 @@ def federation_processes(config: ExperimentConfig, out_dir: Path, placement: Pla
 def launch(config: ExperimentConfig, out_dir: Path, placement: Placement, log_level: str, label: str,
            log_format: str = "text") -> int:
     """Runs the federation to its end and prints its summary: 0, 1 (a process failed) or 130 (interrupted).
-    A task that does not load or build its model stops it with a TaskError before anything is written."""
+    The caller has checked the task (federation_processes)."""
     started = time.monotonic()
     try:
         with federation_processes(config, out_dir, placement, log_level, log_format) as federation:

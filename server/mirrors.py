@@ -25,10 +25,10 @@ import torch
 
 from lbgm.common.lookback import LookbackGradient
 from lbgm.common.state_files import content_digest, save_atomic
+from lbgm.server import MIRROR_STORES
 
 log = logging.getLogger(__name__)
 
-MIRROR_STORES = ("memory", "disk")
 
 
 @dataclass(frozen=True)

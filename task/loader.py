@@ -15,15 +15,12 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from lbgm.common.errors import TaskError
 from lbgm.task import Task, TaskOptions
+from lbgm.tasks import BUILTIN_TASK  # noqa: F401 - the default reference, imported from here by the workers
 
-BUILTIN_TASK = "lbgm.tasks.image:classification"
 REFERENCE_FORMS = "package.module:name or path/to/file.py:name"
 T = TypeVar("T")
-
-
-class TaskError(ValueError):
-    """A task reference that does not resolve to a usable Task, or a task whose code fails."""
 
 
 def _is_file_reference(location: str) -> bool:

@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lbgm.common.errors import DatasetError
+
 try:  # numpy >= 2 (and 1.26's forward-compatible alias)
     from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
 except ImportError:  # pragma: no cover - older numpy
@@ -89,10 +91,6 @@ EMBEDDED = "mnist-embedded"
 DATASETS = tuple(INFO)
 DATASET_SHAPES: dict[str, tuple[int, int, int]] = {name: info.shape for name, info in INFO.items()}
 NUM_CLASSES: dict[str, int] = {name: info.num_classes for name, info in INFO.items()}
-
-
-class DatasetError(RuntimeError):
-    """A data set is missing or its files are malformed."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lbgm.task.loader import seeded
+from lbgm.tasks import INITS
 
 
 InputShape = tuple[int, int, int]  # channels, height, width
@@ -86,7 +87,6 @@ def vgg19_bn(shape: InputShape, num_classes: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-INITS = ("default", "reference")  # the running torch's own initialisation, or torch 1.4's as the reference ran it
 UNIFORM_BITS = 24  # torch's CPU uniform_ for float32 keeps the low 24 bits of one 32-bit draw
 
 

@@ -32,7 +32,7 @@ from lbgm.common.devices import local_device
 from lbgm.common.state_files import load
 from lbgm.launch.federation import LaunchError, Placement, federation_processes, local_placement, log_tails
 from lbgm.server.evaluation import load_state
-from lbgm.task.loader import build_model, load_task
+from lbgm.task.loader import build_model, check_task, load_task
 
 __all__ = ["FederationError", "FederationResult", "local_federation"]
 
@@ -81,6 +81,7 @@ def local_federation(task: str, workers: int = 4, rounds: int = 3, processes: in
     config = ExperimentConfig(task=task, workers=workers, rounds=rounds, **{"name": "local-federation", **settings})
     local_device(device, "device")
     local_device(server_device, "server_device")
+    check_task(config.task, config.task_options, config.seed)
     placement = local_placement(workers, processes, ("--device", server_device), ("--device", device))
     with tempfile.TemporaryDirectory(prefix="lbgm-federation-") as temporary:
         root = Path(temporary) if out_dir is None else Path(out_dir)

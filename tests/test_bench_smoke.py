@@ -109,14 +109,14 @@ def test_footprint_samples_every_process_and_compares_with_the_floor(tmp_path: P
     [default] = result["runs"]
     assert default["label"] == "default" and default["rounds"] == 2
     assert default["worker_processes"] == min(2, max(1, len(os.sched_getaffinity(0)) - 1))  # the default
-    assert all(default["peak_pss_bytes_by_role"][role] > 0 for role in ("launcher", "server", "workers"))
+    assert all(default["peak_pss_bytes_by_role"][role] > 0 for role in ("launcher", "check", "server", "workers"))
     assert default["peak_pss_bytes"] <= sum(default["peak_pss_bytes_by_role"].values())
     assert default["cpu_seconds_total"] > default["cpu_seconds_per_round"] > 0 and default["wall_seconds_per_round"] > 0
     assert result["floor"]["rounds"] == 2 and result["floor"]["cpu_seconds_per_round"] > 0
     assert result["floor"]["final_accuracy"] == default["final_accuracy"]  # the floor trains the same job
     assert [r["workers"] for r in result["scan"]["runs"]] == [1, 2]
     assert result["scan"]["runs"][1]["peak_pss_bytes"] == default["peak_pss_bytes"]  # the same run, not a rerun
-    assert set(result["scan"]["slope_bytes_per_worker"]) == {"launcher", "server", "workers", "total"}
+    assert set(result["scan"]["slope_bytes_per_worker"]) == {"launcher", "check", "server", "workers", "total"}
     assert f"| `default` | {default['worker_processes']} |" in printed
 
 

@@ -18,7 +18,8 @@ import torch
 
 from lbgm.cli.main import fetch_status
 from lbgm.common.codec import tensor_to_bytes
-from lbgm.common.compressors import COMPRESSORS, CODEC_OF, CompressorSettings, compress, decode
+from lbgm.common.compressor_settings import COMPRESSORS
+from lbgm.common.compressors import CODEC_OF, CompressorSettings, compress, decode
 from lbgm.experiment.config import ExperimentConfig
 from lbgm.common.devices import DeviceError, local_device, move_to, resolve_device
 from lbgm.common.lookback import decision_units, rebuild
