@@ -115,12 +115,13 @@ class Peaks:
         self.samples += 1
 
 
-def run_federation_sampled(config: ExperimentConfig, mirrors: str, processes: int, work_dir: Path) -> Peaks:
+def run_federation_sampled(config: ExperimentConfig, mirrors: str, processes: int, work_dir: Path,
+                           log_level: str) -> Peaks:
     """The federation to its end (`lbgm run --mirrors MIRRORS --processes P` without its progress bar),
     its processes' memory sampled every half second."""
     peaks = Peaks()
     placement = local_placement(config.workers, processes, ("--mirrors", mirrors), WORKER_ARGS)
-    with federation_processes(config, work_dir, placement, "WARNING") as federation:
+    with federation_processes(config, work_dir, placement, log_level) as federation:
         federation.wait(lambda: peaks.add(pss_bytes(federation.server.pid),
                                           [pss_bytes(worker.pid) for worker in federation.workers]))
     if federation.server.returncode != 0:
@@ -134,11 +135,12 @@ def join_seconds(records: list[dict[str, Any]]) -> float:
     return records[0]["elapsed_seconds"] - records[0]["round_seconds"]
 
 
-def run_point(config: ExperimentConfig, mirrors: str, processes: int, work_dir: Path) -> dict[str, Any]:
+def run_point(config: ExperimentConfig, mirrors: str, processes: int, work_dir: Path,
+              log_level: str = "WARNING") -> dict[str, Any]:
     """One federation to its end, sampled; its figures."""
     run_dir = work_dir / config.name
     started = time.monotonic()
-    peaks = run_federation_sampled(config, mirrors, processes, work_dir)
+    peaks = run_federation_sampled(config, mirrors, processes, work_dir, log_level)
     wall = time.monotonic() - started
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     short = [record["round"] for record in records if record["missing"]]
@@ -171,12 +173,13 @@ def run_point(config: ExperimentConfig, mirrors: str, processes: int, work_dir: 
 
 
 def measure(points: Sequence[Point], rounds: int, fraction: float, model: str, processes: int,
-            work_dir: Path, done: Callable[[list[dict[str, Any]]], None] = lambda _: None) -> list[dict[str, Any]]:
+            work_dir: Path, done: Callable[[list[dict[str, Any]]], None] = lambda _: None,
+            log_level: str = "WARNING") -> list[dict[str, Any]]:
     """Every point in order; `done(results so far)` after each, so a long run keeps what it measured."""
     results = []
     for point in points:
         result = {"models": point.models, **run_point(thousands_config(point, rounds, fraction, model), point.mirrors,
-                                                      processes, work_dir)}
+                                                      processes, work_dir, log_level)}
         print(f"K = {point.workers}, {setting(result)}: server peak RSS {result['server_peak_rss_bytes'] / MB:,.0f} "
               f"MB, workers peak PSS {result['workers_peak_pss_bytes'] / MB:,.0f} MB, median round "
               f"{result['median_round_seconds']:.2f} s", flush=True)
@@ -272,6 +275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="worker processes the K virtual workers are spread over (default: 2)")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench/thousands-runs"), metavar="DIR",
                         help="where each federation's run folder goes (default: runs/bench/thousands-runs)")
+    parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="the server's and workers' log level, logs in each run folder's logs/ (default: WARNING)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/thousands.json"), metavar="PATH",
                         help="JSON result file (default: runs/bench/thousands.json)")
     args = parser.parse_args(argv)
@@ -291,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
                               "processes": args.processes, **info, "wall_seconds": time.monotonic() - started,
                               "results": results, "growth": growth(results)})
 
-    results = measure(args.points, args.rounds, args.fraction, args.model, args.processes, args.work_dir, write)
+    results = measure(args.points, args.rounds, args.fraction, args.model, args.processes, args.work_dir, write,
+                      args.log_level)
     print(table(results))
     write(results)
     print(f"\nwrote {args.out}")

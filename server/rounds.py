@@ -153,7 +153,11 @@ class Coordinator:
         self._resumed = restored is not None
         self._checkpointed = 0  # the round the last committed checkpoint holds
         self._last_accepted: dict[int, int] = {}  # worker id -> last round whose upload was accepted
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)  # the driver's waits: joins, answers, workers told
+        # The long polls waiting now, each on its own condition of the same lock: a join, an upload or a poll
+        # that ends wakes none of them (with thousands idle, waking them all each time was O(K) per event).
+        self._polls: set[threading.Condition] = set()
         self._round: OpenRound | None = None
         self._ledger = RoundLedger()
         self._completed = 0
@@ -254,31 +258,46 @@ class Coordinator:
             model_tensors=specs_to_proto(self.model_tensors),
         )
 
-    def wait_for_task(self, worker_id: int, max_wait: float,
-                      active: Callable[[], bool] = lambda: True) -> RoundTaskSnapshot | pb.Finished | None:
+    def poll_waiter(self) -> threading.Condition:
+        """What one long poll waits on (give it to wait_for_task, and to wake when its caller hangs up)."""
+        return threading.Condition(self._lock)
+
+    def wait_for_task(self, worker_id: int, max_wait: float, active: Callable[[], bool] = lambda: True,
+                      waiter: threading.Condition | None = None) -> RoundTaskSnapshot | pb.Finished | None:
         """The round task for this worker, Finished, or None after max_wait seconds or once `active()`
-        turns false (the caller hung up: call `wake` then, so the wait notices)."""
+        turns false (the caller hung up: call `wake(waiter)` then, so the wait notices). The wait is woken
+        when a round opens or training finishes, and by `wake`."""
         end = time.monotonic() + max_wait
+        waiter = waiter or self.poll_waiter()
         self.metrics.heard_from(worker_id)
         with self._cond:
-            while active():
-                if self._finished:
-                    self._told_finished.add(worker_id)
-                    self._cond.notify_all()
-                    return pb.Finished(reason=f"training finished after {self._completed} rounds")
-                current = self._round
-                if current and worker_id in current.waiting_for():
-                    return current.snapshot
-                remaining = end - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
-            return None
+            self._polls.add(waiter)
+            try:
+                while active():
+                    if self._finished:
+                        self._told_finished.add(worker_id)
+                        self._cond.notify_all()
+                        return pb.Finished(reason=f"training finished after {self._completed} rounds")
+                    current = self._round
+                    if current and worker_id in current.waiting_for():
+                        return current.snapshot
+                    remaining = end - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    waiter.wait(remaining)
+                return None
+            finally:
+                self._polls.discard(waiter)
 
-    def wake(self) -> None:
-        """Make every waiting long poll check again whether its caller is still there."""
+    def wake(self, waiter: threading.Condition) -> None:
+        """Make the long poll waiting on `waiter` check again whether its caller is still there."""
         with self._cond:
-            self._cond.notify_all()
+            waiter.notify()
+
+    def _wake_polls(self) -> None:
+        """Every waiting long poll looks again (a round opened, or training finished); under the lock."""
+        for waiter in self._polls:
+            waiter.notify()
 
     def count_downlink(self, worker_id: int, kind: str, count: int, equivalent: int | None = None) -> None:
         """`count` bytes sent to a worker; `equivalent`: what a downlink sending the whole model would
@@ -439,7 +458,7 @@ class Coordinator:
         self._save_final_state()
         with self._cond:
             self._finished = True
-            self._cond.notify_all()
+            self._wake_polls()
         summary = self.recorder.write_summary({
             "wall_seconds": time.monotonic() - self._started,
             "mirror_bytes": self.mirrors.nbytes(),
@@ -502,7 +521,7 @@ class Coordinator:
         started = time.monotonic()
         with self._cond:
             self._round = OpenRound(number, sampled, started + self.config.round_timeout, snapshot, started)
-            self._cond.notify_all()
+            self._wake_polls()
             while self._round.waiting_for() and time.monotonic() < self._round.deadline:
                 self._cond.wait(self._round.deadline - time.monotonic())
             closed, self._round = self._round, None

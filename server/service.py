@@ -184,8 +184,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             wait = poll_window(request.max_wait_seconds, self.max_poll_seconds)
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        context.add_callback(self.coordinator.wake)  # a client hanging up ends the wait
-        result = self.coordinator.wait_for_task(record.worker_id, wait, context.is_active)
+        waiter = self.coordinator.poll_waiter()
+        context.add_callback(lambda: self.coordinator.wake(waiter))  # a client hanging up ends the wait
+        result = self.coordinator.wait_for_task(record.worker_id, wait, context.is_active, waiter)
         if not isinstance(result, RoundTaskSnapshot):
             part = pb.TaskPart(idle=pb.Idle()) if result is None else pb.TaskPart(finished=result)
             self.coordinator.count_downlink(record.worker_id, "control", wire_size(part))

@@ -49,7 +49,10 @@ from lbgm.worker.trainer import LocalTrainer, local_seed
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Transient: the server is unreachable or busy (its control-call slots are full), a call outlived its deadline,
+# or the server cancelled it (a stalled stage, a newer call of this worker) while this worker was not stopping.
+# RESOURCE_EXHAUSTED is not among them: here it means a full federation or an oversized message, which persist.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 MAX_MODEL_TENSOR_BYTES = 1 << 31
 
 
@@ -231,6 +234,8 @@ class VirtualWorker:
             except grpc.RpcError as error:
                 if error.code() not in RETRYABLE:
                     raise
+                if self.stop.is_set():  # e.g. a call cancelled because this worker is stopping
+                    raise WorkerStopped() from None
                 if time.monotonic() - started > self.retry.give_up_seconds:
                     raise ServerUnreachable(
                         f"{self.name}: server {self.target} unreachable for {self.retry.give_up_seconds:.0f}s "
