@@ -23,6 +23,9 @@ round closes, its mirror bytes and the round times.
 - memory per worker: the slope of a peak over K (two values of K), per mirror store, for the server
   and for the worker processes.
 - round time: median of rounds 2..R (round 1 is every sampled worker's first upload and the joins).
+- CPU: the server's and the worker processes' CPU-seconds (/proc/<pid>/stat) from round 1's close to
+  round R's, per round, and the server's share of one core meanwhile (its Python threads share one GIL,
+  so a share near 1.0 means the server is the limit).
 
 Points run in the order given (by default K by K, the two stores back to back), so background load
 hits the compared points alike.
@@ -32,17 +35,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from datetime import datetime, timezone
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lbgm.common.state_files import content_digest, load
 from lbgm.experiment.config import ExperimentConfig
 from lbgm.server.mirrors import MIRROR_STORES
 from lbgm.task.loader import BUILTIN_TASK
 
+from bench.ingest import cpu_seconds
 from bench.common import chart, markdown_table, median, run_info, run_main, write_json
 from lbgm.launch.federation import federation_processes, local_placement
 from bench.scale import model_parameters, slope
@@ -98,21 +104,52 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far; 0 once it exited."""
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return 0.0
+
+
+def lines_in(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0
+
+
 @dataclass
 class Peaks:
-    """The largest PSS seen, per role and of the largest worker process."""
+    """The largest PSS seen, per role and of the largest worker process; and when each round was first seen
+    closed, the CPU time the server and the worker processes had used by then."""
 
     server: int = 0
     workers: int = 0
     largest_worker: int = 0
     total: int = 0
     samples: int = 0
+    cpu_when_closed: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # round: (t, server, workers)
 
     def add(self, server: int, workers: Sequence[int]) -> None:
         self.server, self.workers = max(self.server, server), max(self.workers, sum(workers))
         self.largest_worker = max(self.largest_worker, *workers)
         self.total = max(self.total, server + sum(workers))
         self.samples += 1
+
+    def mark(self, rounds_closed: int, server_cpu: float, workers_cpu: float) -> None:
+        self.cpu_when_closed.setdefault(rounds_closed, (time.monotonic(), server_cpu, workers_cpu))
+
+    def cpu_per_round(self, rounds: int) -> dict[str, float | None]:
+        """CPU-seconds per round of the server and of the worker processes over rounds 2..R, and the server's
+        share of one core meanwhile (near 1.0: its Python threads, which share one GIL, are the limit)."""
+        first, last = self.cpu_when_closed.get(1), self.cpu_when_closed.get(rounds)
+        if first is None or last is None or last[0] <= first[0]:
+            return {"server_cpu_seconds_per_round": None, "workers_cpu_seconds_per_round": None,
+                    "server_core_share": None}
+        return {"server_cpu_seconds_per_round": (last[1] - first[1]) / (rounds - 1),
+                "workers_cpu_seconds_per_round": (last[2] - first[2]) / (rounds - 1),
+                "server_core_share": (last[1] - first[1]) / (last[0] - first[0])}
 
 
 def run_federation_sampled(config: ExperimentConfig, mirrors: str, processes: int, work_dir: Path,
@@ -122,8 +159,12 @@ def run_federation_sampled(config: ExperimentConfig, mirrors: str, processes: in
     peaks = Peaks()
     placement = local_placement(config.workers, processes, ("--mirrors", mirrors), WORKER_ARGS)
     with federation_processes(config, work_dir, placement, log_level) as federation:
-        federation.wait(lambda: peaks.add(pss_bytes(federation.server.pid),
-                                          [pss_bytes(worker.pid) for worker in federation.workers]))
+        def sample() -> None:
+            peaks.add(pss_bytes(federation.server.pid), [pss_bytes(worker.pid) for worker in federation.workers])
+            peaks.mark(lines_in(federation.run_dir / "metrics.jsonl"), process_cpu_seconds(federation.server.pid),
+                       sum(process_cpu_seconds(worker.pid) for worker in federation.workers))
+
+        federation.wait(sample)
     if federation.server.returncode != 0:
         raise RuntimeError(f"{config.name}: the server exited with status {federation.server.returncode}; logs in "
                            f"{federation.logs}")
@@ -140,6 +181,8 @@ def run_point(config: ExperimentConfig, mirrors: str, processes: int, work_dir: 
     """One federation to its end, sampled; its figures."""
     run_dir = work_dir / config.name
     started = time.monotonic()
+    when = {"started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "load_average_1m": os.getloadavg()[0]}  # what else ran: a loaded 2-core box slows every round
     peaks = run_federation_sampled(config, mirrors, processes, work_dir, log_level)
     wall = time.monotonic() - started
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -153,7 +196,7 @@ def run_point(config: ExperimentConfig, mirrors: str, processes: int, work_dir: 
     seconds = [record["round_seconds"] for record in records]
     final = load(run_dir / "final_model.pt")
     return {
-        "workers": config.workers, "mirrors": mirrors, "fraction": config.fraction, "rounds": len(records),
+        **when, "workers": config.workers, "mirrors": mirrors, "fraction": config.fraction, "rounds": len(records),
         "sampled_per_round": len(records[-1]["sampled"]), "processes": processes, "model": config.model,
         "model_bytes": model_bytes, "mirror_bytes": mirror_bytes[-1],
         "workers_with_mirrors": mirror_bytes[-1] / model_bytes,
@@ -161,7 +204,7 @@ def run_point(config: ExperimentConfig, mirrors: str, processes: int, work_dir: 
         "workers_peak_pss_bytes": peaks.workers, "largest_worker_process_pss_bytes": peaks.largest_worker,
         "total_peak_pss_bytes": peaks.total,
         "server_rss_per_mirror_byte": slope(list(zip(mirror_bytes, rss))) if len(set(mirror_bytes)) > 1 else None,
-        "join_seconds": join_seconds(records), "first_round_seconds": seconds[0],
+        "join_seconds": join_seconds(records), **peaks.cpu_per_round(config.rounds), "first_round_seconds": seconds[0],
         "median_round_seconds": median(seconds[1:]),
         "wall_seconds": wall, "pss_samples": peaks.samples,
         "rss_bytes": rss, "mirror_bytes_by_round": mirror_bytes, "round_seconds": seconds,
@@ -214,17 +257,23 @@ def megabytes(count: float | None) -> str:
     return "n/a" if count is None else f"{count / MB:,.1f}"
 
 
+def optional(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     runs = markdown_table(
         ["K", "worker models", "mirrors", "sampled / round", "rounds", "workers holding a mirror", "mirrors MB",
          "server peak RSS MB", "server peak PSS MB", "server RSS per mirror byte", "worker processes peak PSS MB",
          "largest worker process MB", "all joined after s", "round 1 s", "median round 2..R s",
-         "same final model at K"],
+         "server CPU-s / round", "worker processes CPU-s / round", "server's share of a core", "same final model at K"],
         [[r["workers"], r["models"], r["mirrors"], r["sampled_per_round"], r["rounds"], f"{r['workers_with_mirrors']:,.0f}",
           megabytes(r["mirror_bytes"]), megabytes(r["server_peak_rss_bytes"]), megabytes(r["server_peak_pss_bytes"]),
           "n/a" if r["server_rss_per_mirror_byte"] is None else f"{r['server_rss_per_mirror_byte']:.2f}",
           megabytes(r["workers_peak_pss_bytes"]), megabytes(r["largest_worker_process_pss_bytes"]),
           f"{r['join_seconds']:.0f}", f"{r['first_round_seconds']:.1f}", f"{r['median_round_seconds']:.2f}",
+          *[optional(r.get(key)) for key in ("server_cpu_seconds_per_round", "workers_cpu_seconds_per_round",
+                                             "server_core_share")],
           "yes" if r["same_final_model_at_k"] else "NO"]
          for r in results])
     per_worker = markdown_table(
@@ -279,6 +328,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the server's and workers' log level, logs in each run folder's logs/ (default: WARNING)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/thousands.json"), metavar="PATH",
                         help="JSON result file (default: runs/bench/thousands.json)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the results already in --out (same --rounds, --fraction, --model and --processes) "
+                             "and add these points' after them, e.g. to measure the largest K later, on a quieter "
+                             "machine")
     args = parser.parse_args(argv)
     if args.rounds < 2 or not 1 <= args.processes <= min(p.workers for p in args.points) or not 0 < args.fraction <= 1:
         parser.error(f"need --rounds >= 2, 1 <= --processes <= the smallest K and 0 < --fraction <= 1, got "
@@ -286,18 +339,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def earlier_results(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(results, the invocations that measured them) already in --out, which must have been measured alike."""
+    earlier = json.loads(args.out.read_text())
+    settings = {"rounds": args.rounds, "processes": args.processes}
+    differing = {key: earlier.get(key) for key, value in settings.items() if earlier.get(key) != value}
+    differing.update({key: r[key] for r in earlier["results"] for key, value in
+                      (("fraction", args.fraction), ("model", args.model)) if r[key] != value})
+    if differing:
+        raise SystemExit(f"--append: {args.out} was measured with {differing}, not like these points")
+    return earlier["results"], earlier.get("invocations", [{key: earlier[key] for key in run_info() if key in earlier}])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    kept, invocations = earlier_results(args) if args.append else ([], [])
     info = run_info()
     started = time.monotonic()
 
     def write(results: list[dict[str, Any]]) -> None:
+        mark_same_final_models(results)
         write_json(args.out, {"benchmark": "thousands", "delta": DELTA, "local_lr": LOCAL_LR, "rounds": args.rounds,
                               "processes": args.processes, **info, "wall_seconds": time.monotonic() - started,
-                              "results": results, "growth": growth(results)})
+                              "invocations": [*invocations, info], "results": results, "growth": growth(results)})
 
-    results = measure(args.points, args.rounds, args.fraction, args.model, args.processes, args.work_dir, write,
-                      args.log_level)
+    results = kept + measure(args.points, args.rounds, args.fraction, args.model, args.processes, args.work_dir,
+                             lambda new: write(kept + new), args.log_level)
     print(table(results))
     write(results)
     print(f"\nwrote {args.out}")
