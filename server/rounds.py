@@ -6,8 +6,8 @@ every sampled worker's upload is accepted or the deadline passes, closes the
 round (later uploads are refused), aggregates what arrived with weights
 renormalised over the participants, applies the server optimizer, evaluates
 and records metrics. gRPC threads call `join`, `wait_for_task`, `submit`,
-`submit_evaluation` and `status`; one condition variable guards all shared
-state.
+`submit_evaluation` and `status`; one lock guards all shared state (the
+driver waits on one condition of it, each long poll on a condition of its own).
 
 Evaluation is central (the task's test set, on the server) when the server has
 the task's code and the task has test data, and federated when so configured
