@@ -357,11 +357,16 @@ def main(argv: list[str] | None = None) -> None:
     info = run_info()
     started = time.monotonic()
 
+    runs = [*invocations, info]
+    # What a rendered table says it came from: every command, the first start and the highest load at a start.
+    header = {**info, "command": " && ".join(run["command"] for run in runs), "started_utc": runs[0]["started_utc"],
+              "load_average_1m": max(run["load_average_1m"] for run in runs)}
+
     def write(results: list[dict[str, Any]]) -> None:
         mark_same_final_models(results)
         write_json(args.out, {"benchmark": "thousands", "delta": DELTA, "local_lr": LOCAL_LR, "rounds": args.rounds,
-                              "processes": args.processes, **info, "wall_seconds": time.monotonic() - started,
-                              "invocations": [*invocations, info], "results": results, "growth": growth(results)})
+                              "processes": args.processes, **header, "wall_seconds": time.monotonic() - started,
+                              "invocations": runs, "results": results, "growth": growth(results)})
 
     results = kept + measure(args.points, args.rounds, args.fraction, args.model, args.processes, args.work_dir,
                              lambda new: write(kept + new), args.log_level)
