@@ -33,6 +33,7 @@ import json
 import multiprocessing
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -198,7 +199,10 @@ def lbgm_run(config: Path, data_dir: Path | None, out_dir: Path, settings: RunSe
 
 
 def measure_run(label: str, command: list[str], run_dir: Path, interval: float) -> dict[str, Any]:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # A folder left by an earlier invocation would show its 20 metrics lines (round ends) before this run's
+    # server starts, and its final model if this run failed to write one.
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
     trace, wall, total_cpu = trace_run(command, run_dir / "metrics.jsonl", interval, run_dir.parent / f"{label}.log")
     ends = trace.round_ends()
     worker_processes = max((sum(role == "workers" for role in s.role_by_pid.values()) for s in trace.samples),

@@ -115,11 +115,14 @@ BENCHMARKS = (
               "`lbgm run` on configs/flower-comparison.toml (CNN on MNIST, 10 workers x 3 classes, tau 5, "
               "batch 32, delta 0.2 both ways), the default command and other --processes one after another. "
               "Every 0.2 s the proportional set size (shared pages counted once over all processes) and the "
-              "CPU time of every process of the run (launcher, server, worker processes) are read from "
-              "/proc; wall and CPU-seconds per round are means of rounds 2..R. The floor is the same training "
-              "and the same central evaluations in one process without transport (lbgm.sim.federation."
-              "simulate, one torch thread), in the same invocation. The last table is the default command at "
-              "more virtual workers (3 rounds each): the slope is what each added worker costs."),
+              "CPU time of every process of the run (the launcher, which never loads torch; its check, a child "
+              "that loads torch for a second or two to check the devices and the task before anything starts; "
+              "the server; the worker processes) are read from /proc; role columns are each role's own peak, "
+              "not simultaneous; wall and CPU-seconds per round are means of rounds 2..R. The floor is the "
+              "same training and the same central evaluations in one process without transport "
+              "(lbgm.sim.federation.simulate, one torch thread), in the same invocation. The last table is the "
+              "default command at more virtual workers (3 rounds each): the slope is what each added worker "
+              "costs."),
     Benchmark("thousands", "9. Thousands of workers: one server, 10% sampled, mirrors in RAM or on disk",
               "1,000 and 5,000 virtual workers, 10% sampled per round: server memory, round time and memory "
               "per worker with and without `--mirrors disk`; how far one server goes and what limits it",
