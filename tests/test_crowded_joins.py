@@ -20,7 +20,7 @@ from lbgm.server.limits import CallLimits
 from lbgm.server.rounds import Coordinator
 from lbgm.v1 import lbgm_pb2 as pb
 from lbgm.v1 import lbgm_pb2_grpc as pb_grpc
-from lbgm.worker.client import RetryPolicy, VirtualWorker, task_job
+from lbgm.worker.client import RetryPolicy, VirtualWorker, WorkerStopped, task_job
 
 from conftest import FAST, lbgm
 from test_hostile_transport import threads_in, wait_until
@@ -90,5 +90,5 @@ def test_a_poll_the_server_cancels_is_asked_again(tmp_path: Path, caplog) -> Non
         running.stop(grace=0)
         thread.join(timeout=30)
     assert not thread.is_alive()
-    assert len(ended) == 1 and (ended[0] is None or type(ended[0]).__name__ == "WorkerStopped"), ended
+    assert len(ended) == 1 and (ended[0] is None or isinstance(ended[0], WorkerStopped)), ended
 
