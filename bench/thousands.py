@@ -284,12 +284,23 @@ def table(results: list[dict[str, Any]]) -> str:
     return f"{runs}\n\nGrowth with K (least-squares slope over K):\n\n{per_worker}"
 
 
+def per_sampled_cpu(result: dict[str, Any]) -> str:
+    """The CPU a round cost per sampled worker, on the server and in the worker processes."""
+    server, workers = result.get("server_cpu_seconds_per_round"), result.get("workers_cpu_seconds_per_round")
+    if server is None or workers is None:
+        return ""
+    sampled = result["sampled_per_round"]
+    return f" ({server / sampled * 1e3:.0f} ms of server CPU and {workers / sampled * 1e3:.0f} ms in the worker " \
+           f"processes per sampled worker)"
+
+
 def verdict(results: list[dict[str, Any]]) -> str:
     largest = max(r["workers"] for r in results)
     at_largest = {setting(r): r for r in results if r["workers"] == largest}
-    parts = [f"{name}: server peak RSS {megabytes(r['server_peak_rss_bytes'])} MB holding "
-             f"{r['workers_with_mirrors']:,.0f} mirrors ({megabytes(r['mirror_bytes'])} MB), median round "
-             f"{r['median_round_seconds']:.1f} s" for name, r in at_largest.items()]
+    parts = [f"{name}: all joined after {r['join_seconds']:.0f} s, server peak RSS "
+             f"{megabytes(r['server_peak_rss_bytes'])} MB holding {r['workers_with_mirrors']:,.0f} mirrors "
+             f"({megabytes(r['mirror_bytes'])} MB), median round {r['median_round_seconds']:.1f} s"
+             + per_sampled_cpu(r) for name, r in at_largest.items()]
     return f"At K = {largest} ({at_largest[next(iter(at_largest))]['sampled_per_round']} sampled per round): " + \
         "; ".join(parts) + "."
 
