@@ -3,7 +3,9 @@ virtual worker, for bench.thousands (`--task bench/shared_model_task.py:classifi
 
 A virtual worker's model matters only while it trains: LocalTrainer.train loads the global model
 into it first, and `lbgm worker` trains one virtual worker at a time (--parallel-training 1, the
-default), so the process's virtual workers can share one module. That takes the model (1.72 MB for
+default; it reads the buffers to upload before the next one starts) and leaves a model already on its
+device untouched (Module.to would walk the gradients while another virtual worker trains), so the
+process's virtual workers can share one module. That takes the model (1.72 MB for
 the CNN) out of the memory each added virtual worker costs, which is what lets 5,000 of them fit
 beside the server on this machine. Training, data, LBGM decisions and uploads are the built-in task's.
 """

@@ -427,12 +427,12 @@ class VirtualWorker:
         task = received.task
         settings = task.settings
         self.history.forget_before(task.checkpointed_round)
-        with self.training_slots:
+        with self.training_slots:  # the buffers too: virtual workers may share one model (bench/shared_model_task.py)
             gradient, loss = self.trainer.train(received.tensors, settings.local_steps, settings.batch_size,
                                                 settings.local_lr, task.round)
+            buffers = self.trainer.buffers()
         wire_dtype = torch_dtype(settings.wire_dtype)
         self.encoder.compressor = compressor_settings(settings)
-        buffers = self.trainer.buffers()
         force_full: set[int] = set()
         header = pb.UpdateHeader(worker_id=self.worker_id, token=self.token, round=task.round,
                                  num_samples=self.trainer.num_samples, train_loss=loss)

@@ -23,6 +23,15 @@ def local_seed(experiment_seed: int, shard_index: int) -> int:
     return experiment_seed * 100_003 + shard_index
 
 
+def placed(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device`; one already there is returned untouched. Module.to walks every parameter's
+    gradient even when nothing moves, which races with a training of the same module in another thread
+    (the virtual workers of a process may share one model: bench/shared_model_task.py)."""
+    if all(tensor.device == device for tensor in (*model.parameters(), *model.buffers())):
+        return model
+    return model.to(device)
+
+
 @dataclass(frozen=True)
 class BatchPosition:
     """Where the minibatch order stands: a worker returning to an earlier round restores it, so a
@@ -42,7 +51,7 @@ class LocalTrainer:
             raise ValueError("a worker needs at least one training sample")
         self.task = task
         self.device = device
-        self.model = model.to(device)
+        self.model = placed(model, device)
         self.data = data
         self._load_validation = validation
         self._validation: Any = None
