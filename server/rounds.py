@@ -157,7 +157,7 @@ class Coordinator:
         self._cond = threading.Condition(self._lock)  # the driver's waits: joins, answers, workers told
         # The long polls waiting now, each on its own condition of the same lock: a join, an upload or a poll
         # that ends wakes none of them (with thousands idle, waking them all each time was O(K) per event).
-        self._polls: dict[threading.Condition, int] = {}  # each waiting long poll's condition: its worker
+        self._polls: set[threading.Condition] = set()
         self._round: OpenRound | None = None
         self._ledger = RoundLedger()
         self._completed = 0
@@ -271,7 +271,7 @@ class Coordinator:
         waiter = waiter or self.poll_waiter()
         self.metrics.heard_from(worker_id)
         with self._cond:
-            self._polls[waiter] = worker_id
+            self._polls.add(waiter)
             try:
                 while active():
                     if self._finished:
@@ -287,19 +287,17 @@ class Coordinator:
                     waiter.wait(remaining)
                 return None
             finally:
-                del self._polls[waiter]
+                self._polls.discard(waiter)
 
     def wake(self, waiter: threading.Condition) -> None:
         """Make the long poll waiting on `waiter` check again whether its caller is still there."""
         with self._cond:
             waiter.notify()
 
-    def _wake_polls(self, workers: frozenset[int] | None = None) -> None:
-        """The waiting long polls of `workers` (None: every one) look again: a round opened for them, or
-        training finished; under the lock."""
-        for waiter, worker_id in self._polls.items():
-            if workers is None or worker_id in workers:
-                waiter.notify()
+    def _wake_polls(self) -> None:
+        """Every waiting long poll looks again (a round opened, or training finished); under the lock."""
+        for waiter in self._polls:
+            waiter.notify()
 
     def count_downlink(self, worker_id: int, kind: str, count: int, equivalent: int | None = None) -> None:
         """`count` bytes sent to a worker; `equivalent`: what a downlink sending the whole model would
@@ -523,7 +521,7 @@ class Coordinator:
         started = time.monotonic()
         with self._cond:
             self._round = OpenRound(number, sampled, started + self.config.round_timeout, snapshot, started)
-            self._wake_polls(sampled)
+            self._wake_polls()
             while self._round.waiting_for() and time.monotonic() < self._round.deadline:
                 self._cond.wait(self._round.deadline - time.monotonic())
             closed, self._round = self._round, None
