@@ -29,8 +29,9 @@ from hypothesis import strategies as st
 from lbgm.common.codec import (
     MAX_EXTENT, CodecError, PayloadAssembler, element_size, split_chunks, tensor_from_bytes, tensor_meta, tensor_to_bytes,
 )
+from lbgm.common.compressor_settings import COMPRESSORS
 from lbgm.common.compressors import (
-    COMPRESSORS, PAYLOAD_TENSORS, CompressorSettings, compress, decode, pack_bits, unpack_bits, zero_payload,
+    PAYLOAD_TENSORS, CompressorSettings, compress, decode, pack_bits, unpack_bits, zero_payload,
 )
 from lbgm.common.lookback import LookbackGradient, decision_units, rebuild
 from lbgm.common.wire import (
