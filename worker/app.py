@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
-import grpc._common
 import torch
 
 from lbgm.common.tls import ChannelTls
@@ -17,12 +16,6 @@ from lbgm.task.loader import BUILTIN_TASK
 from lbgm.worker.client import ModelMismatch, RetryPolicy, VirtualWorker, WorkerStopped, task_job
 
 log = logging.getLogger(__name__)
-
-# grpcio's blocking calls wait in slices of grpc._common.MAXIMUM_WAIT_TIMEOUT (0.1 s) so that signal handlers
-# run on the main thread, which hosts no virtual worker here. With thousands of virtual workers each blocked in
-# a call (joins, long polls), ten wake-ups a second each kept the worker processes busy: at K = 5,000 in two
-# processes, 107,000 context switches a second in one of them, and its joins outlived their 30 s deadline.
-GRPC_WAIT_SLICE_SECONDS = 5.0
 
 
 def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_seconds: float = 20.0,
@@ -43,7 +36,6 @@ def run_virtual_workers(target: str, names: list[str], data_dir: str = "", poll_
     """
     stop = threading.Event()
     failures: list[str] = []
-    grpc._common.MAXIMUM_WAIT_TIMEOUT = max(grpc._common.MAXIMUM_WAIT_TIMEOUT, GRPC_WAIT_SLICE_SECONDS)
 
     def run_one(worker: VirtualWorker) -> None:
         try:
