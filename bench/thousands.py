@@ -112,6 +112,24 @@ def process_cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of every live thread of a process (a process's own
+    /proc/<pid>/status counts only its main thread); 0 once it exited."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            for line in (task / "status").read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split()[1])
+        except OSError:  # the thread ended meanwhile
+            continue
+    return total
+
+
 def lines_in(path: Path) -> int:
     try:
         return path.read_bytes().count(b"\n")
@@ -129,7 +147,8 @@ class Peaks:
     largest_worker: int = 0
     total: int = 0
     samples: int = 0
-    cpu_when_closed: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # round: (t, server, workers)
+    # rounds closed: (t, server CPU-s, worker processes' CPU-s, worker processes' context switches)
+    cpu_when_closed: dict[int, tuple[float, float, float, int]] = field(default_factory=dict)
 
     def add(self, server: int, workers: Sequence[int]) -> None:
         self.server, self.workers = max(self.server, server), max(self.workers, sum(workers))
@@ -137,19 +156,18 @@ class Peaks:
         self.total = max(self.total, server + sum(workers))
         self.samples += 1
 
-    def mark(self, rounds_closed: int, server_cpu: float, workers_cpu: float) -> None:
-        self.cpu_when_closed.setdefault(rounds_closed, (time.monotonic(), server_cpu, workers_cpu))
-
     def cpu_per_round(self, rounds: int) -> dict[str, float | None]:
-        """CPU-seconds per round of the server and of the worker processes over rounds 2..R, and the server's
-        share of one core meanwhile (near 1.0: its Python threads, which share one GIL, are the limit)."""
+        """CPU-seconds per round of the server and of the worker processes over rounds 2..R, the server's
+        share of one core meanwhile (near 1.0: its Python threads, which share one GIL, are the limit) and
+        the worker processes' context switches per second (threads woken to find nothing to do)."""
         first, last = self.cpu_when_closed.get(1), self.cpu_when_closed.get(rounds)
         if first is None or last is None or last[0] <= first[0]:
             return {"server_cpu_seconds_per_round": None, "workers_cpu_seconds_per_round": None,
-                    "server_core_share": None}
+                    "server_core_share": None, "workers_context_switches_per_second": None}
         return {"server_cpu_seconds_per_round": (last[1] - first[1]) / (rounds - 1),
                 "workers_cpu_seconds_per_round": (last[2] - first[2]) / (rounds - 1),
-                "server_core_share": (last[1] - first[1]) / (last[0] - first[0])}
+                "server_core_share": (last[1] - first[1]) / (last[0] - first[0]),
+                "workers_context_switches_per_second": (last[3] - first[3]) / (last[0] - first[0])}
 
 
 def run_federation_sampled(config: ExperimentConfig, mirrors: str, processes: int, work_dir: Path,
@@ -161,8 +179,12 @@ def run_federation_sampled(config: ExperimentConfig, mirrors: str, processes: in
     with federation_processes(config, work_dir, placement, log_level) as federation:
         def sample() -> None:
             peaks.add(pss_bytes(federation.server.pid), [pss_bytes(worker.pid) for worker in federation.workers])
-            peaks.mark(lines_in(federation.run_dir / "metrics.jsonl"), process_cpu_seconds(federation.server.pid),
-                       sum(process_cpu_seconds(worker.pid) for worker in federation.workers))
+            closed = lines_in(federation.run_dir / "metrics.jsonl")
+            if closed not in peaks.cpu_when_closed:
+                peaks.cpu_when_closed[closed] = (
+                    time.monotonic(), process_cpu_seconds(federation.server.pid),
+                    sum(process_cpu_seconds(worker.pid) for worker in federation.workers),
+                    sum(context_switches(worker.pid) for worker in federation.workers))
 
         federation.wait(sample)
     if federation.server.returncode != 0:
@@ -266,7 +288,8 @@ def table(results: list[dict[str, Any]]) -> str:
         ["K", "worker models", "mirrors", "sampled / round", "rounds", "workers holding a mirror", "mirrors MB",
          "server peak RSS MB", "server peak PSS MB", "server RSS per mirror byte", "worker processes peak PSS MB",
          "largest worker process MB", "all joined after s", "round 1 s", "median round 2..R s",
-         "server CPU-s / round", "worker processes CPU-s / round", "server's share of a core", "same final model at K"],
+         "server CPU-s / round", "worker processes CPU-s / round", "server's share of a core",
+         "worker processes' context switches / s", "same final model at K"],
         [[r["workers"], r["models"], r["mirrors"], r["sampled_per_round"], r["rounds"], f"{r['workers_with_mirrors']:,.0f}",
           megabytes(r["mirror_bytes"]), megabytes(r["server_peak_rss_bytes"]), megabytes(r["server_peak_pss_bytes"]),
           "n/a" if r["server_rss_per_mirror_byte"] is None else f"{r['server_rss_per_mirror_byte']:.2f}",
@@ -274,6 +297,8 @@ def table(results: list[dict[str, Any]]) -> str:
           f"{r['join_seconds']:.0f}", f"{r['first_round_seconds']:.1f}", f"{r['median_round_seconds']:.2f}",
           *[optional(r.get(key)) for key in ("server_cpu_seconds_per_round", "workers_cpu_seconds_per_round",
                                              "server_core_share")],
+          "n/a" if r.get("workers_context_switches_per_second") is None
+          else f"{r['workers_context_switches_per_second']:,.0f}",
           "yes" if r["same_final_model_at_k"] else "NO"]
          for r in results])
     per_worker = markdown_table(
@@ -374,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
               "load_average_1m": max(run["load_average_1m"] for run in runs)}
 
     def write(results: list[dict[str, Any]]) -> None:
+        results.sort(key=lambda result: result["workers"])  # --append may add a smaller K after a larger one
         mark_same_final_models(results)
         write_json(args.out, {"benchmark": "thousands", "delta": DELTA, "local_lr": LOCAL_LR, "rounds": args.rounds,
                               "processes": args.processes, **header, "wall_seconds": time.monotonic() - started,
@@ -381,8 +407,8 @@ def main(argv: list[str] | None = None) -> None:
 
     results = kept + measure(args.points, args.rounds, args.fraction, args.model, args.processes, args.work_dir,
                              lambda new: write(kept + new), args.log_level)
-    print(table(results))
     write(results)
+    print(table(results))
     print(f"\nwrote {args.out}")
 
 

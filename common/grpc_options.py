@@ -17,6 +17,13 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+# A worker's channel: GetTask's server stream is read on the calling thread alone (grpcio's
+# experimental grpc.experimental.ChannelOptions.SingleThreadedUnaryStream). By default grpcio serves
+# a stream with a polling thread per channel and the reader waits on a condition in 0.1 s slices;
+# a process hosting thousands of virtual workers, each idle in a long poll on its own channel, then
+# spends its cores waking those threads (bench.thousands, K = 5,000 in 2 processes).
+WORKER_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("SingleThreadedUnaryStream", 1)]
+
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -13,6 +13,7 @@ import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -196,12 +197,13 @@ class ChannelTls:
     server_name: str = ""
 
 
-def open_channel(target: str, tls: ChannelTls | None) -> grpc.Channel:
+def open_channel(target: str, tls: ChannelTls | None,
+                 options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS) -> grpc.Channel:
     """A channel to `target`: TLS with `tls`, plaintext without."""
     if tls is None:
-        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return grpc.insecure_channel(target, options=options)
     override = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
-    return grpc.secure_channel(target, tls.credentials, options=[*CHANNEL_OPTIONS, *override])
+    return grpc.secure_channel(target, tls.credentials, options=[*options, *override])
 
 
 def is_loopback(host: str) -> bool:

@@ -31,7 +31,7 @@ import torch
 
 from lbgm.common.codec import torch_dtype
 from lbgm.common.downlink import DownlinkError, Lookback, apply_delivery, model_digest
-from lbgm.common.grpc_options import ERROR_DETAIL_KEY, JOIN_TOKEN_KEY, PROTOCOL, worker_metadata
+from lbgm.common.grpc_options import ERROR_DETAIL_KEY, JOIN_TOKEN_KEY, PROTOCOL, WORKER_CHANNEL_OPTIONS, worker_metadata
 from lbgm.common.lookback import decision_units
 from lbgm.common.model_spec import TensorSpec, describe_model, specs_to_proto
 from lbgm.common.state_files import lbgs_from_state, lbgs_to_state, save_atomic
@@ -321,7 +321,7 @@ class VirtualWorker:
         return False
 
     def run(self) -> WorkerStats:
-        with open_channel(self.target, self.tls) as channel:
+        with open_channel(self.target, self.tls, WORKER_CHANNEL_OPTIONS) as channel:
             stub = pb_grpc.AggregatorStub(channel)
             submit = submit_update_call(channel)
             self.join(stub)
