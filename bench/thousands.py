@@ -58,8 +58,8 @@ ROUND_TIMEOUT_SECONDS = 900.0  # generous: a round that closes short of its samp
 DELTA = 0.2
 LOCAL_LR = 0.01
 WORKER_MODELS = {"own": BUILTIN_TASK, "shared": "bench/shared_model_task.py:classification"}
-DEFAULT_POINTS = ("1000:own:memory", "1000:shared:memory", "1000:shared:disk", "2500:shared:memory",
-                  "2500:shared:disk")
+DEFAULT_POINTS = ("1000:own:memory", "1000:shared:memory", "1000:shared:disk", "5000:shared:memory",
+                  "5000:shared:disk")
 # Thousands of virtual workers join through the server's few control-call slots (refused beyond, retried with
 # backoff), which takes minutes: they must not give up after lbgm worker's default 300 s. An idle virtual
 # worker long-polls for 60 s instead of 20, so the K - sampled idle ones re-poll a third as often.
@@ -394,15 +394,17 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
 
     runs = [*invocations, info]
-    # What a rendered table says it came from: every command, the first start and the highest load at a start.
+    # What a rendered table says it came from: every command, the first start and the highest load at the start
+    # of an invocation or of a point.
     header = {**info, "command": " && ".join(run["command"] for run in runs), "started_utc": runs[0]["started_utc"],
               "load_average_1m": max(run["load_average_1m"] for run in runs)}
 
     def write(results: list[dict[str, Any]]) -> None:
         results.sort(key=lambda result: result["workers"])  # --append may add a smaller K after a larger one
         mark_same_final_models(results)
+        busiest = max([header["load_average_1m"], *(result["load_average_1m"] for result in results)])
         write_json(args.out, {"benchmark": "thousands", "delta": DELTA, "local_lr": LOCAL_LR, "rounds": args.rounds,
-                              "processes": args.processes, **header, "wall_seconds": time.monotonic() - started,
+                              "processes": args.processes, **header, "load_average_1m": busiest, "wall_seconds": time.monotonic() - started,
                               "invocations": runs, "results": results, "growth": growth(results)})
 
     results = kept + measure(args.points, args.rounds, args.fraction, args.model, args.processes, args.work_dir,
