@@ -24,6 +24,8 @@ from typing import Any
 
 import grpc
 
+from lbgm.launch.federation import terminate_as_interrupt
+
 STARTUP_SECONDS = 60.0  # a spawned child imports torch and grpc before it can listen
 STOP_SECONDS = 10.0
 STOP = "stop"
@@ -137,9 +139,10 @@ def chart(path: Path, title: str, xlabel: str, ylabel: str) -> Iterator[Any]:
 
 def run_main(main: Callable[[], None]) -> None:
     """A benchmark's entry point: a failed run (a federation that exited, a server that never listened)
-    ends with one line on stderr and exit status 1, not a traceback."""
+    ends with one line on stderr and exit status 1, not a traceback; SIGTERM stops it like Ctrl-C."""
     try:
-        main()
+        with terminate_as_interrupt():  # a killed benchmark stops the federations it started
+            main()
     except (RuntimeError, OSError) as error:
         sys.exit(f"{Path(sys.argv[0]).stem}: {error}")
 

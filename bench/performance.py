@@ -157,7 +157,7 @@ BENCHMARKS = (
               "worker that is 99 ms in the server and 230 ms in the worker processes, against 20 and 27 ms at "
               "K = 1,000: costs that grow with the idle workers, not the sampled ones (the worker processes' "
               "context switches, column). Each of the 4,500 unsampled workers "
-              "re-polls every 20 s (--poll-seconds; the server holds a poll 30 s at most), about 25,000 idle "
+              "re-polls every 30 s (the workers ask for 60 s, the server holds a poll 30 s at most), about 17,000 idle "
               "polls per round, and polls the busy server had not accepted within gRPC's 30 s were cancelled "
               "and asked again (about 80,000 CANCELLED in the worker logs of the disk run); the heaviest "
               "server thread used 7-18% of a core, the rest spread over its threads. Memory is not the limit "

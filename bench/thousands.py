@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> None:
         mark_same_final_models(results)
         busiest = max([header["load_average_1m"], *(result["load_average_1m"] for result in results)])
         write_json(args.out, {"benchmark": "thousands", "delta": DELTA, "local_lr": LOCAL_LR, "rounds": args.rounds,
-                              "processes": args.processes, **header, "load_average_1m": busiest, "wall_seconds": time.monotonic() - started,
+                              "processes": args.processes, **header, "load_average_1m": busiest,
+                              "wall_seconds": time.monotonic() - started,
                               "invocations": runs, "results": results, "growth": growth(results)})
 
     results = kept + measure(args.points, args.rounds, args.fraction, args.model, args.processes, args.work_dir,

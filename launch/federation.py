@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -219,13 +221,33 @@ def federation_processes(config: ExperimentConfig, out_dir: Path, placement: Pla
         _stop_all(children, grace_seconds)
 
 
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler, `timeout`, `kill`) stops like Ctrl-C: a KeyboardInterrupt unwinds the
+    federation's context, which stops its processes. Python's default would end this process at once
+    and leave the server and the workers running. Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def launch(config: ExperimentConfig, out_dir: Path, placement: Placement, log_level: str, label: str,
            log_format: str = "text") -> int:
     """Runs the federation to its end and prints its summary: 0, 1 (a process failed) or 130 (interrupted).
     The caller has checked the task (federation_processes)."""
     started = time.monotonic()
     try:
-        with federation_processes(config, out_dir, placement, log_level, log_format) as federation:
+        with terminate_as_interrupt(), federation_processes(config, out_dir, placement, log_level,
+                                                            log_format) as federation:
             print(f"{label}: server on {federation.target}, {config.workers} workers in {len(placement.workers)} "
                   f"processes; logs in {federation.logs}", file=sys.stderr)
             print(_partition_overview(federation.run_dir / "partition.txt"), file=sys.stderr)
