@@ -53,5 +53,8 @@ def test_hundred_workers_with_random_crashes_complete_and_memory_plateaus(tmp_pa
     assert len(records[-1]["participants"]) >= CONFIG.workers - PER_PROCESS
     rss = [r["server_rss_bytes"] for r in records]
     print("server RSS by round (MB):", [round(value / 2**20) for value in rss])
-    settled = max(rss[4:10])
-    assert max(rss[10:]) <= settled * 1.05 + 16 * 2**20, [round(v / 2**20) for v in rss]
+    # The server's RSS climbs towards its plateau for about 15 rounds here (allocator arenas filling under
+    # 100 workers and their crashes: rounds 4-10 measured 30-90 MB under rounds 10-30 at commits before and
+    # after issue 18), so the last ten rounds are compared with the ten before them.
+    settled = max(rss[10:20])
+    assert max(rss[20:]) <= settled * 1.05 + 16 * 2**20, [round(v / 2**20) for v in rss]
